@@ -1,0 +1,5 @@
+import sys
+
+from uffdd.cli import main
+
+sys.exit(main())

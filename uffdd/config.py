@@ -1,0 +1,108 @@
+"""The YAML configuration, validated with pydantic; every error names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from uffdd.errors import ConfigError
+from uffdd.sources import SourceConfig, source_class
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogConfig(_Strict):
+    format: Literal["auto", "console", "json"] = "auto"
+    """auto: console on a TTY, JSON lines otherwise (journald, files)."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MetricsConfig(_Strict):
+    listen: str | None = None
+    """HOST:PORT of the Prometheus endpoint; unset: no endpoint."""
+
+
+class HandshakeConfig(_Strict):
+    timeout: float = Field(5.0, gt=0, le=300)
+    """Seconds a VMM has to send the whole handshake after connecting."""
+    max_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    """Largest handshake body accepted."""
+
+
+class Config(_Strict):
+    listen: str = "/run/uffdd/uffdd.sock"
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    handshake: HandshakeConfig = HandshakeConfig()
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources_by_kind(cls, raw: Any) -> dict[str, SourceConfig]:
+        """Each source is validated by the model of its own kind (plugins bring their own)."""
+        if not isinstance(raw, dict):
+            raise ValueError("expected a mapping of source name -> {kind: ..., ...}")
+        out: dict[str, SourceConfig] = {}
+        for name, spec in raw.items():
+            if isinstance(spec, SourceConfig):
+                out[name] = spec
+                continue
+            if not isinstance(spec, dict) or "kind" not in spec:
+                    raise ValueError(f"sources.{name}: expected a mapping with a 'kind' key")
+            try:
+                model = source_class(str(spec["kind"])).config_model
+            except ConfigError as exc:
+                raise ValueError(f"sources.{name}.kind: {exc}") from None
+            try:
+                out[name] = model.model_validate(spec)
+            except ValidationError as exc:
+                raise ValueError(_describe(exc, prefix=f"sources.{name}")) from None
+        return out
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        key = ".".join(p for p in (prefix, loc) if p) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            msg = str(err["ctx"]["error"])
+            if msg.startswith(key):  # the nested validator already named the full key
+                parts.append(msg)
+                continue
+        parts.append(f"{key}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_config(data: Any, origin: str = "<config>") -> Config:
+    """Validate already-loaded YAML data."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse_config(data, str(p))

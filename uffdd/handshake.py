@@ -1,0 +1,201 @@
+"""The VMM -> daemon handshake message (DESIGN.md "Handshake contract"), parsed and checked.
+
+Only what can be checked from the message itself lives here; checks that need the fds (memfd
+size and page size, source size) are in :func:`check_against`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from uffdd.errors import HandshakeError
+
+VM_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""vm_id ends up in file paths (``{vm_id}``): no slashes, no leading dot."""
+
+DEFAULT_VM_ID = "default"
+DEFAULT_SOURCE = "default"
+PAGE_SIZES = frozenset({4096, 2 << 20, 1 << 30})
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    """One guest memory region as the VMM described it."""
+
+    start: int
+    """The VMM's virtual address of the region (``base_host_virt_addr``)."""
+    size: int
+    offset: int
+    """Offset of the region in the memory file and in the page source."""
+    page_size: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def pages(self) -> int:
+        return self.size // self.page_size
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    vm_id: str
+    source: str
+    regions: tuple[RegionSpec, ...]
+
+    @property
+    def page_size(self) -> int:
+        return self.regions[0].page_size
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.size for r in self.regions)
+
+
+def _int_field(obj: dict[str, Any], key: str, where: str) -> int:
+    if key not in obj:
+        raise HandshakeError(f"{where}: missing {key!r}")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HandshakeError(f"{where}.{key}: expected an integer, got {type(value).__name__}")
+    if value < 0:
+        raise HandshakeError(f"{where}.{key}: must not be negative (got {value})")
+    return value
+
+
+_REGION_KEYS = frozenset({"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"})
+
+
+def _parse_region(raw: object, i: int) -> RegionSpec:
+    where = f"regions[{i}]"
+    if not isinstance(raw, dict):
+        raise HandshakeError(f"{where}: expected an object, got {type(raw).__name__}")
+    unknown = set(raw) - _REGION_KEYS
+    if unknown:
+        raise HandshakeError(f"{where}: unknown keys {sorted(unknown)}")
+    if "page_size" in raw:
+        page_size = _int_field(raw, "page_size", where)
+    elif "page_size_kib" in raw:
+        # Firecracker's deprecated alias: despite its name it holds bytes.
+        page_size = _int_field(raw, "page_size_kib", where)
+    else:
+        raise HandshakeError(f"{where}: missing 'page_size'")
+    if page_size not in PAGE_SIZES:
+        raise HandshakeError(f"{where}.page_size: {page_size} is not one of {sorted(PAGE_SIZES)}")
+    spec = RegionSpec(
+        start=_int_field(raw, "base_host_virt_addr", where),
+        size=_int_field(raw, "size", where),
+        offset=_int_field(raw, "offset", where),
+        page_size=page_size,
+    )
+    if spec.size == 0:
+        raise HandshakeError(f"{where}.size: must be > 0")
+    for key, value in (("base_host_virt_addr", spec.start), ("size", spec.size), ("offset", spec.offset)):
+        if value % page_size:
+            raise HandshakeError(f"{where}.{key}: {value:#x} is not aligned to page_size {page_size}")
+    if spec.end >= 1 << 64:
+        raise HandshakeError(f"{where}: address range overflows")
+    return spec
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def parse(body: bytes | str) -> Handshake:
+    """Parse and check a handshake body. Raise HandshakeError naming the bad field."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HandshakeError(f"handshake is not valid JSON: {exc}") from None
+    vm_id, source = DEFAULT_VM_ID, DEFAULT_SOURCE
+    if isinstance(doc, list):
+        raw_regions: object = doc
+    elif isinstance(doc, dict):
+        unknown = set(doc) - {"vm_id", "source", "regions"}
+        if unknown:
+            raise HandshakeError(f"handshake: unknown keys {sorted(unknown)}")
+        if "regions" not in doc:
+            raise HandshakeError("handshake: missing 'regions'")
+        raw_regions = doc["regions"]
+        vm_id = doc.get("vm_id", DEFAULT_VM_ID)
+        source = doc.get("source", DEFAULT_SOURCE)
+        if not isinstance(vm_id, str) or not VM_ID_RE.fullmatch(vm_id):
+            raise HandshakeError(
+                f"vm_id: {vm_id!r} must be 1-64 characters of [A-Za-z0-9._-], not starting with . - or _")
+        if not isinstance(source, str) or not source:
+            raise HandshakeError(f"source: expected the name of a configured source, got {source!r}")
+    else:
+        raise HandshakeError(f"handshake must be a JSON list or object, got {type(doc).__name__}")
+    if not isinstance(raw_regions, list) or not raw_regions:
+        raise HandshakeError("regions: expected a non-empty list")
+    if len(raw_regions) > 1024:
+        raise HandshakeError(f"regions: {len(raw_regions)} regions, at most 1024 are accepted")
+    regions = tuple(_parse_region(r, i) for i, r in enumerate(raw_regions))
+    if len({r.page_size for r in regions}) != 1:
+        raise HandshakeError("regions: all regions must have the same page_size (one memory file)")
+    order = sorted(range(len(regions)), key=lambda i: regions[i].start)
+    for a, b in zip(order, order[1:]):
+        if regions[b].start < regions[a].end:
+            raise HandshakeError(f"regions[{a}] and regions[{b}] overlap in address space")
+    by_offset = sorted(range(len(regions)), key=lambda i: regions[i].offset)
+    for a, b in zip(by_offset, by_offset[1:]):
+        if _overlap((regions[a].offset, regions[a].offset + regions[a].size),
+                    (regions[b].offset, regions[b].offset + regions[b].size)):
+            raise HandshakeError(f"regions[{a}] and regions[{b}] overlap in the memory file (offset)")
+    return Handshake(vm_id=vm_id, source=source, regions=regions)
+
+
+def check_against(hs: Handshake, *, memfd_size: int, memfd_page_size: int, source_size: int | None) -> None:
+    """Check the regions against the memory file and the page source; raise HandshakeError."""
+    if memfd_page_size != hs.page_size:
+        raise HandshakeError(
+            f"regions[0].page_size: {hs.page_size} does not match the memory file's page size "
+            f"{memfd_page_size} ({'hugetlbfs' if memfd_page_size > 4096 else 'shmem'})")
+    for i, r in enumerate(hs.regions):
+        if r.offset + r.size > memfd_size:
+            raise HandshakeError(
+                f"regions[{i}]: offset {r.offset:#x} + size {r.size:#x} lies past the end of the "
+                f"memory file ({memfd_size:#x} bytes)")
+        if source_size is not None and r.offset + r.size > source_size:
+            raise HandshakeError(
+                f"regions[{i}]: offset {r.offset:#x} + size {r.size:#x} lies past the end of the "
+                f"page source ({source_size:#x} bytes): snapshot too short for these regions")
+
+
+def body_complete(buf: bytes) -> bool:
+    """True if ``buf`` holds a whole JSON value, or a JSON error that more bytes cannot fix.
+
+    A stream socket may deliver the body in pieces; only an error *at the end* of the
+    buffer can be cured by reading more.
+    """
+    text = buf.decode("utf-8", errors="replace").rstrip()
+    if not text:
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(text) or exc.msg.startswith("Unterminated string"):
+            return False
+        rest = text[exc.pos :]
+        return not (exc.msg == "Expecting value" and any(w.startswith(rest) for w in _LITERALS))
+    return True
+
+
+_LITERALS = ("true", "false", "null", "-")
+
+
+def encode(hs: Handshake) -> bytes:
+    """The wire form of a handshake (object form), as a VMM sends it."""
+    return json.dumps({
+        "vm_id": hs.vm_id,
+        "source": hs.source,
+        "regions": [
+            {"base_host_virt_addr": r.start, "size": r.size, "offset": r.offset, "page_size": r.page_size}
+            for r in hs.regions
+        ],
+    }).encode()

@@ -1,0 +1,55 @@
+"""The page-source interface: fill a destination buffer with the bytes at an offset.
+
+Like an httpx transport, a source has one required method, :meth:`PageSource.fill`. A source
+that can sometimes answer without waiting (a page-cache hit) also implements
+:meth:`PageSource.fill_nowait`, which the fault loop calls inline, so the common case pays
+neither a task nor a thread hop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class SourceConfig(BaseModel):
+    """Options of a source kind; each kind subclasses this. Unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: str
+
+
+class PageSource(ABC):
+    """Where a session's page contents come from. One instance per session."""
+
+    config_model: ClassVar[type[SourceConfig]] = SourceConfig
+
+    @classmethod
+    @abstractmethod
+    async def open(cls, config: SourceConfig, *, vm_id: str) -> PageSource:
+        """Open the source for one guest. Raise SourceUnavailable with a reason on failure."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int | None:
+        """Bytes in the source's address space, or None if unknown (then not checked)."""
+
+    @abstractmethod
+    async def fill(self, offset: int, dest: memoryview) -> None:
+        """Write exactly ``len(dest)`` bytes from ``offset`` into ``dest``, or raise SourceError.
+
+        Must not return with ``dest`` partly written: the caller installs it into the guest.
+        """
+
+    def fill_nowait(self, offset: int, dest: memoryview) -> bool:
+        """Try to fill without blocking; False means "use :meth:`fill`". Default: never."""
+        return False
+
+    async def aclose(self) -> None:
+        """Release what the source holds. Called once when the session ends."""
+
+    def describe(self) -> str:
+        """Short human-readable name for logs."""
+        return type(self).__name__

@@ -1,0 +1,205 @@
+"""A stand-in VMM: guest memory in a memfd, a userfaultfd, the handshake, faulting vCPU threads.
+
+Runs as its own process (``python -m uffdd.testing.vmm SPEC_JSON``) because a thread that
+faults while holding the GIL would deadlock a handler in the same process. vCPU threads touch
+memory through ``ctypes.memmove``, which releases the GIL while the thread waits in the kernel.
+Prints one JSON result line on stdout.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import json
+import mmap
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from uffdd.kernel import Userfaultfd, abi
+
+VERIFY_CHUNK = 1 << 20
+
+
+@dataclass
+class VmmSpec:
+    """What the stand-in VMM does; every field has a JSON-friendly type."""
+
+    socket: str
+    snapshot: str
+    region_sizes: list[int]
+    page_size: int = 4096
+    threads: int = 4
+    vm_id: str = "demo"
+    source: str = "default"
+    preregister: bool = False
+    """Do UFFDIO_API and REGISTER in the VMM (as Firecracker does) instead of a bare uffd."""
+    prepopulate: float = 0.0
+    """Fraction of pages written with garbage before the handshake (already in page cache)."""
+    region_gap: int = 0
+    """Bytes of memory file left unused between regions (offsets are then not contiguous)."""
+    same_pages: bool = False
+    """All threads touch the same pages in the same order (many vCPUs on one page)."""
+    touch_fraction: float = 1.0
+    seed: int = 1
+    list_form: bool = False
+    """Send Firecracker's bare JSON list instead of the object form."""
+    split_body: int = 0
+    """Send the body in this many pieces with pauses (a stream socket may deliver it so)."""
+    disconnect_after: int = -1
+    """Pages touched (by thread 0) before the VMM drops the connection and exits at once."""
+    verify: bool = True
+    timeout: int = 120
+    extra_fds: list[int] = field(default_factory=list)
+
+
+def _addr(mm: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+
+def _quantile(sorted_ns: list[int], q: float) -> float:
+    if not sorted_ns:
+        return 0.0
+    return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1000.0
+
+
+def run(spec: VmmSpec) -> dict[str, object]:
+    ps = spec.page_size
+    hugetlb = ps > mmap.PAGESIZE
+    memfd = os.memfd_create("uffdd-guest", os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0))
+    offsets: list[int] = []
+    off = 0
+    for size in spec.region_sizes:
+        offsets.append(off)
+        off += size + spec.region_gap
+    os.ftruncate(memfd, off)
+    rng = random.Random(spec.seed)
+
+    # Pages already in the page cache, with bytes the guest must never see.
+    prepopulated = 0
+    if spec.prepopulate > 0:
+        garbage = bytes([0xAB]) * ps
+        # Through a throwaway mapping: hugetlbfs has no write(2).
+        with mmap.mmap(memfd, off, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as whole:
+            for roff, size in zip(offsets, spec.region_sizes):
+                for p in range(size // ps):
+                    if rng.random() < spec.prepopulate:
+                        whole[roff + p * ps : roff + (p + 1) * ps] = garbage
+                        prepopulated += 1
+
+    maps = [mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=roff)
+            for roff, size in zip(offsets, spec.region_sizes)]
+    bases = [_addr(m) for m in maps]
+
+    uffd = Userfaultfd.open()
+    if spec.preregister:
+        uffd.api(abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM)
+        for base, size in zip(bases, spec.region_sizes):
+            uffd.register(base, size, abi.REGISTER_MODE_MISSING | abi.REGISTER_MODE_MINOR)
+
+    regions = [{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps}
+               for b, s, o in zip(bases, spec.region_sizes, offsets)]
+    doc: object = regions if spec.list_form else {"vm_id": spec.vm_id, "source": spec.source, "regions": regions}
+    body = json.dumps(doc).encode()
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(spec.socket)
+    fds = array.array("i", [uffd.fileno(), memfd, *spec.extra_fds])
+    pieces = max(1, spec.split_body)
+    step = -(-len(body) // pieces)
+    chunks = [body[i : i + step] for i in range(0, len(body), step)]
+    sock.sendmsg([chunks[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+    for chunk in chunks[1:]:
+        time.sleep(0.05)
+        sock.sendall(chunk)
+    reply = sock.makefile("rb").readline()
+    answer = json.loads(reply) if reply else {"error": "daemon closed the connection"}
+    if "error" in answer:
+        return {"ok": False, "error": answer["error"], "stage": "handshake"}
+
+    pages = [(bases[i] + p * ps, offsets[i] + p * ps)
+             for i, size in enumerate(spec.region_sizes) for p in range(size // ps)]
+    order = list(range(len(pages)))
+    rng.shuffle(order)
+    order = order[: max(1, int(len(order) * spec.touch_fraction))]
+    shares = [order] * spec.threads if spec.same_pages else [order[t :: spec.threads] for t in range(spec.threads)]
+    latencies: list[array.array[int]] = [array.array("q") for _ in range(spec.threads)]
+    scratch = [ctypes.create_string_buffer(8) for _ in range(spec.threads)]
+    memmove = ctypes.memmove
+    perf = time.perf_counter_ns
+
+    def vcpu(t: int) -> None:
+        lat, buf = latencies[t], scratch[t]
+        for n, i in enumerate(shares[t]):
+            if t == 0 and n == spec.disconnect_after:
+                sock.close()
+                os._exit(0)
+            a = pages[i][0]
+            t0 = perf()
+            memmove(buf, a, 8)  # the first touch of the page: a fault the daemon resolves
+            lat.append(perf() - t0)
+
+    threads = [threading.Thread(target=vcpu, args=(t,), name=f"vcpu{t}") for t in range(spec.threads)]
+    start = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.perf_counter() - start
+
+    wrong: list[int] = []
+    checked = 0
+    if spec.verify:
+        with open(spec.snapshot, "rb") as fh:
+            snap = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+            for m, roff, size in zip(maps, offsets, spec.region_sizes):
+                chunk = max(VERIFY_CHUNK, ps)
+                for c in range(0, size, chunk):
+                    n = min(chunk, size - c)
+                    if m[c : c + n] != snap[roff + c : roff + c + n]:
+                        for p in range(c, c + n, ps):
+                            if m[p : p + ps] != snap[roff + p : roff + p + ps]:
+                                wrong.append((roff + p) // ps)
+                checked += size // ps
+    all_ns = sorted(x for lat in latencies for x in lat)
+    sock.close()
+    return {
+        "ok": not wrong,
+        "pages": len(pages),
+        "touched": len(order),
+        "threads": spec.threads,
+        "prepopulated": prepopulated,
+        "elapsed_s": elapsed,
+        "faults_per_s": len(all_ns) / elapsed if elapsed > 0 else 0.0,
+        "p50_us": _quantile(all_ns, 0.5),
+        "p99_us": _quantile(all_ns, 0.99),
+        "pages_checked": checked,
+        "wrong_pages": len(wrong),
+        "wrong_sample": wrong[:16],
+        "session": answer.get("session"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec = VmmSpec(**json.loads(args[0]))
+    # Never hang a test run: SIGALRM's default action ends the process.
+    signal.alarm(spec.timeout)
+    result = run(spec)
+    print(json.dumps(result), flush=True)
+    if result.get("stage") == "handshake":
+        return 2
+    return 0 if result["ok"] else 1
+
+
+def spec_arg(spec: VmmSpec) -> str:
+    return json.dumps(asdict(spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
