@@ -321,17 +321,19 @@ class Session:
     async def _fill_async(self, region: Region, idx: int, foff: int, dest: memoryview, t0: int) -> None:
         """Fill one page from the source, retrying with backoff; never install a partial page."""
         delay = RETRY_MIN_S
+        attempt = 0
         try:
             while True:
                 try:
                     await self.source.fill(foff, dest)
                     break
-                except SourceError as exc:
+                except (SourceError, OSError, ValueError) as exc:
                     self.stats.source_errors += 1
-                    self._log.warning("source_fill_failed", offset=foff, error=str(exc), retry_in=delay)
-                except (OSError, ValueError) as exc:
-                    self.stats.source_errors += 1
-                    self._log.error("source_fill_crashed", offset=foff, error=repr(exc), retry_in=delay)
+                    attempt += 1
+                    if attempt == 1 or attempt % 10 == 0:  # loud, but not one line per retry
+                        self._log.warning("source_fill_failed", offset=foff, attempt=attempt,
+                                          error=str(exc) if isinstance(exc, SourceError) else repr(exc),
+                                          retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
         finally:

@@ -11,13 +11,16 @@ from uffdd.testing.snapshot import make_snapshot
 from uffdd.testing.vmm import VmmSpec
 
 
+_ENTRY = "import sys; from uffdd.testing.vmm import main; sys.exit(main())"
+
+
 class VmmProcess:
     """A running stand-in VMM; :meth:`result` waits for its JSON line (killing it on timeout)."""
 
     def __init__(self, spec: VmmSpec) -> None:
         self.spec = spec
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uffdd.testing.vmm", json.dumps(asdict(spec))],
+            [sys.executable, "-c", _ENTRY, json.dumps(asdict(spec))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(spec.extra_fds),
         )
 
@@ -39,6 +42,9 @@ class VmmProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 __all__ = ["VmmProcess", "VmmSpec", "make_snapshot"]

@@ -54,6 +54,8 @@ class VmmSpec:
     disconnect_after: int = -1
     """Pages touched (by thread 0) before the VMM drops the connection and exits at once."""
     verify: bool = True
+    start_delay: float = 0.0
+    """Seconds to wait after the daemon's ready line before the vCPUs start."""
     timeout: int = 120
     extra_fds: list[int] = field(default_factory=list)
 
@@ -122,6 +124,7 @@ def run(spec: VmmSpec) -> dict[str, object]:
     if "error" in answer:
         return {"ok": False, "error": answer["error"], "stage": "handshake"}
 
+    time.sleep(spec.start_delay)
     pages = [(bases[i] + p * ps, offsets[i] + p * ps)
              for i, size in enumerate(spec.region_sizes) for p in range(size // ps)]
     order = list(range(len(pages)))
@@ -137,6 +140,8 @@ def run(spec: VmmSpec) -> dict[str, object]:
         lat, buf = latencies[t], scratch[t]
         for n, i in enumerate(shares[t]):
             if t == 0 and n == spec.disconnect_after:
+                # A VMM that goes away mid-run: report, drop the connection, exit at once.
+                print(json.dumps({"ok": True, "disconnected_after": n}), flush=True)
                 sock.close()
                 os._exit(0)
             a = pages[i][0]

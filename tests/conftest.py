@@ -1,0 +1,201 @@
+"""Fixtures: a real daemon (in this process or as a subprocess), snapshots, stand-in VMMs.
+
+Every async test runs on uvloop and on the default asyncio loop. Guests always fault from
+another process (the stand-in VMM), and everything a test starts is killed when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+import yaml
+
+from uffdd import logs
+from uffdd.config import Config, parse_config
+from uffdd.service.listener import Listener
+from uffdd.testing import VmmProcess, VmmSpec, make_snapshot
+
+HUGE = 2 << 20
+logs.configure("json", "warning")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def snapshot_4k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 MiB snapshot with 4 KiB-page stamps."""
+    path = tmp_path_factory.mktemp("snap") / "guest.mem"
+    make_snapshot(path, 32 << 20, seed=11, page_size=4096)
+    return path
+
+
+@pytest.fixture(scope="session")
+def snapshot_2m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 MiB snapshot with 2 MiB-page stamps."""
+    path = tmp_path_factory.mktemp("snap2m") / "guest.mem"
+    make_snapshot(path, 32 << 20, seed=12, page_size=HUGE)
+    return path
+
+
+def hugepages_free() -> int:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture
+def hugepages() -> Callable[[int], None]:
+    """Call with the number of 2 MiB pages a test needs; skips (with the reason) if unavailable."""
+
+    def need(n: int) -> None:
+        free = hugepages_free()
+        if free < n:
+            pytest.skip(f"needs {n} free 2 MiB huge pages, {free} free: echo N > /proc/sys/vm/nr_hugepages "
+                        "(./scripts/test reserves them)")
+
+    return need
+
+
+@dataclass
+class Daemon:
+    """An in-process daemon: the real listener and sessions on the test's event loop."""
+
+    listener: Listener
+    socket: str
+    snapshot: Path
+    vmms: list[VmmProcess] = field(default_factory=list)
+
+    def spec(self, **kw: Any) -> VmmSpec:
+        base = VmmSpec(socket=self.socket, snapshot=str(self.snapshot), region_sizes=[8 << 20], threads=4,
+                       vm_id="guest", timeout=90)
+        return replace(base, **kw)
+
+    def start_vmm(self, **kw: Any) -> VmmProcess:
+        vmm = VmmProcess(self.spec(**kw))
+        self.vmms.append(vmm)
+        return vmm
+
+    async def run_vmm(self, timeout: float = 90, **kw: Any) -> dict[str, Any]:
+        vmm = self.start_vmm(**kw)
+        return await asyncio.to_thread(vmm.result, timeout)
+
+    async def wait_idle(self, timeout: float = 10) -> None:
+        """Wait until every session has ended and been released."""
+        deadline = time.monotonic() + timeout
+        while self.listener.sessions or self.listener._conn_tasks:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sessions still open: {sorted(self.listener.sessions)}")
+            await asyncio.sleep(0.01)
+
+
+def make_config(tmp_path: Path, snapshot: Path, **extra: Any) -> Config:
+    data: dict[str, Any] = {
+        "listen": str(tmp_path / "uffdd.sock"),
+        "sources": {"default": {"kind": "file", "path": str(snapshot)},
+                    "byid": {"kind": "file", "path": str(snapshot.parent / "{vm_id}.mem")}},
+        "handshake": {"timeout": 2.0},
+    }
+    data.update(extra)
+    return parse_config(data)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(config: Config, snapshot: Path) -> AsyncIterator[Daemon]:
+    listener = Listener(config)
+    await listener.start()
+    d = Daemon(listener=listener, socket=config.listen, snapshot=snapshot)
+    try:
+        yield d
+    finally:
+        for v in d.vmms:
+            v.kill()
+        await listener.close()
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, snapshot_4k: Path) -> AsyncIterator[Daemon]:
+    async with running_daemon(make_config(tmp_path, snapshot_4k), snapshot_4k) as d:
+        yield d
+
+
+@pytest.fixture
+async def daemon_2m(tmp_path: Path, snapshot_2m: Path) -> AsyncIterator[Daemon]:
+    async with running_daemon(make_config(tmp_path, snapshot_2m), snapshot_2m) as d:
+        yield d
+
+
+@dataclass
+class DaemonProcess:
+    """``uffdd run -c FILE`` as a real subprocess, with its JSON log on a file."""
+
+    proc: subprocess.Popen[bytes]
+    socket: str
+    log_path: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        import json
+
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+
+@pytest.fixture
+def daemon_process(tmp_path: Path, snapshot_4k: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(extra_env: dict[str, str] | None = None, **config_extra: Any) -> DaemonProcess:
+        sock = str(tmp_path / "d.sock")
+        cfg: dict[str, Any] = {"listen": sock, "sources": {"default": {"kind": "file", "path": str(snapshot_4k)}},
+                               "log": {"format": "json", "level": "info"}}
+        cfg.update(config_extra)
+        cfg_path = tmp_path / "uffdd.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        log_path = tmp_path / "daemon.log"
+        env = {**os.environ, **(extra_env or {})}
+        with open(log_path, "wb") as log_fh:
+            proc = subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg_path)],
+                                    stdout=log_fh, stderr=subprocess.STDOUT, env=env)
+        d = DaemonProcess(proc=proc, socket=sock, log_path=log_path)
+        started.append(d)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.02)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()

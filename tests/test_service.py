@@ -1,0 +1,108 @@
+"""`uffdd run` as a real process: logs, signals, sd_notify, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import DaemonProcess
+from uffdd.testing import VmmProcess, VmmSpec
+
+MIB = 1 << 20
+
+
+def _vmm(d: DaemonProcess, snapshot: Path, **kw: Any) -> dict[str, Any]:
+    spec = VmmSpec(socket=d.socket, snapshot=str(snapshot), region_sizes=[4 * MIB], threads=2, vm_id="svc", **kw)
+    return VmmProcess(spec).result(90)
+
+
+def test_daemon_process_serves_a_guest_logs_one_line_per_session_and_exits_0_on_sigterm(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path) -> None:
+    d = daemon_process()
+    res = _vmm(d, snapshot_4k)
+    assert res["wrong_pages"] == 0 and res["returncode"] == 0
+    assert d.stop(signal.SIGTERM) == 0
+    events = [e["event"] for e in d.log_lines()]
+    assert events.count("session_start") == 1
+    assert events.count("session_end") == 1
+    assert len(events) <= 6, events  # no line per fault at the default level
+    end = next(e for e in d.log_lines() if e["event"] == "session_end")
+    assert end["pages_filled"] == end["pages_total"] == 1024
+    assert end["fault_msgs"] >= 1024
+    assert not Path(d.socket).exists()  # the socket file is removed on a clean stop
+
+
+def test_bad_handshake_is_logged_and_the_daemon_keeps_serving(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path) -> None:
+    d = daemon_process()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(d.socket)
+        s.sendall(b"not json at all")
+        assert b"not valid JSON" in s.makefile("rb").readline()
+    res = _vmm(d, snapshot_4k)
+    assert res["wrong_pages"] == 0
+    d.stop()
+    refused = [e for e in d.log_lines() if e["event"] == "handshake_refused"]
+    assert len(refused) == 1 and "not valid JSON" in refused[0]["error"]
+
+
+def test_ready_and_stopping_are_sent_to_the_notify_socket(
+        daemon_process: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(path)
+        ns.settimeout(15)
+        d = daemon_process(extra_env={"NOTIFY_SOCKET": path})
+        first = ns.recv(4096).decode()
+        assert "READY=1" in first.splitlines()
+        d.proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in ns.recv(4096).decode().splitlines()
+        assert d.proc.wait(10) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_endpoint_counts_faults_and_pages_of_ended_sessions(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path) -> None:
+    port = _free_port()
+    d = daemon_process(metrics={"listen": f"127.0.0.1:{port}"})
+    _vmm(d, snapshot_4k)
+    text = ""
+    for _ in range(100):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        if "uffdd_pages_filled_total 1024.0" in text:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert "uffdd_pages_filled_total 1024.0" in text
+    assert "uffdd_sessions_total 1.0" in text
+    assert "uffdd_fault_service_seconds_bucket" in text
+    d.stop()
+
+
+def test_sigterm_waits_for_a_live_session_and_a_second_one_ends_it(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path) -> None:
+    d = daemon_process()
+    spec = VmmSpec(socket=d.socket, snapshot=str(snapshot_4k), region_sizes=[4 * MIB], threads=1, vm_id="svc",
+                   start_delay=30)
+    vmm = VmmProcess(spec)
+    try:
+        for _ in range(200):
+            if any(e["event"] == "session_start" for e in d.log_lines()):
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        d.proc.send_signal(signal.SIGTERM)
+        asyncio.run(asyncio.sleep(0.5))
+        assert d.proc.poll() is None  # a guest is never cut off by the first signal
+        assert any(e["event"] == "waiting_for_sessions" for e in d.log_lines())
+        assert d.stop(signal.SIGTERM) == 0
+    finally:
+        vmm.kill()

@@ -1,0 +1,261 @@
+"""End to end: the real daemon serving stand-in VMM processes through real userfaultfds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HUGE, Daemon, make_config, running_daemon
+from tests.flaky import FlakySource
+from uffdd.sources import BUILTIN_SOURCES
+
+MIB = 1 << 20
+
+
+def assert_all_correct(res: dict[str, Any]) -> None:
+    assert res.get("stage") != "handshake", res
+    assert res["wrong_pages"] == 0, res
+    assert res["pages_checked"] == res["pages"], res
+    assert res["returncode"] == 0, res
+
+
+@pytest.mark.parametrize("preregister", [False, True], ids=["bare-uffd", "vmm-registered"])
+async def test_4k_guest_gets_every_snapshot_byte_with_bare_or_preregistered_uffd(
+        daemon: Daemon, preregister: bool) -> None:
+    res = await daemon.run_vmm(region_sizes=[8 * MIB, 4 * MIB], threads=4, preregister=preregister)
+    assert_all_correct(res)
+    await daemon.wait_idle()
+    assert daemon.listener.ended_totals.pages_filled == res["pages"]
+
+
+@pytest.mark.parametrize("preregister", [False, True], ids=["bare-uffd", "vmm-registered"])
+async def test_2m_hugetlbfs_guest_gets_every_snapshot_byte(
+        daemon_2m: Daemon, hugepages: Any, preregister: bool) -> None:
+    hugepages(16)
+    res = await daemon_2m.run_vmm(region_sizes=[16 * MIB, 8 * MIB], page_size=HUGE, threads=4,
+                                  preregister=preregister, prepopulate=0.3)
+    assert_all_correct(res)
+    assert res["pages"] == 12
+
+
+async def test_prepopulated_and_never_written_pages_both_get_snapshot_bytes(daemon: Daemon) -> None:
+    res = await daemon.run_vmm(region_sizes=[8 * MIB], prepopulate=0.5, seed=3)
+    assert_all_correct(res)
+    await daemon.wait_idle()
+    totals = daemon.listener.ended_totals
+    # Pre-populated pages fault as MINOR, never-written ones as MISSING: both kinds were served.
+    assert 0 < totals.minor_faults < totals.fault_msgs
+    assert totals.minor_faults == res["prepopulated"]
+
+
+async def test_three_regions_with_gaps_in_memory_file(daemon: Daemon) -> None:
+    res = await daemon.run_vmm(region_sizes=[4 * MIB, 2 * MIB, 1 * MIB], region_gap=MIB, threads=3)
+    assert_all_correct(res)
+
+
+async def test_many_threads_on_the_same_pages_cause_one_fill_per_page(daemon: Daemon) -> None:
+    res = await daemon.run_vmm(region_sizes=[2 * MIB], threads=8, same_pages=True)
+    assert_all_correct(res)
+    await daemon.wait_idle()
+    t = daemon.listener.ended_totals
+    assert t.fills_inline + t.fills_async == res["pages"]  # one fetch per page, however many faulted
+    assert t.pages_filled == res["pages"]
+
+
+async def test_many_threads_same_pages_with_slow_source_coalesce_onto_inflight_fill(
+        tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BUILTIN_SOURCES, "flaky", "tests.flaky:FlakySource")
+    cfg = make_config(tmp_path, snapshot_4k,
+                      sources={"default": {"kind": "flaky", "path": str(snapshot_4k), "fail_every": 10**9}})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        res = await d.run_vmm(region_sizes=[1 * MIB], threads=8, same_pages=True)
+        assert_all_correct(res)
+        await d.wait_idle()
+        t = d.listener.ended_totals
+        assert t.fills_async == res["pages"]
+        assert t.coalesced > 0  # other vCPUs waited on the fill in flight instead of fetching again
+
+
+async def test_firecracker_list_form_uses_default_source(daemon: Daemon) -> None:
+    res = await daemon.run_vmm(region_sizes=[2 * MIB, 2 * MIB], list_form=True, preregister=True)
+    assert_all_correct(res)
+
+
+async def test_handshake_body_split_over_several_reads_is_accepted(daemon: Daemon) -> None:
+    res = await daemon.run_vmm(region_sizes=[2 * MIB, 1 * MIB], split_body=5)
+    assert_all_correct(res)
+
+
+async def test_vm_id_selects_the_snapshot_file(tmp_path: Path, daemon: Daemon) -> None:
+    os.link(daemon.snapshot, daemon.snapshot.parent / "vm-7.mem") if not (
+        daemon.snapshot.parent / "vm-7.mem").exists() else None
+    res = await daemon.run_vmm(region_sizes=[2 * MIB], vm_id="vm-7", source="byid")
+    assert_all_correct(res)
+    res = await daemon.run_vmm(region_sizes=[2 * MIB], vm_id="no-such-vm", source="byid")
+    assert res["stage"] == "handshake"
+    assert "no-such-vm.mem" in res["error"]
+
+
+def _daemon_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _memfd_mappings() -> int:
+    with open("/proc/self/maps") as fh:
+        return sum("memfd:uffdd-guest" in line for line in fh)
+
+
+@pytest.mark.parametrize("how", ["disconnect", "sigkill"])
+async def test_vmm_gone_mid_run_ends_session_and_releases_fds_and_mappings(daemon: Daemon, how: str) -> None:
+    await asyncio.sleep(0.1)
+    fds_before = _daemon_fds()
+    maps_before = _memfd_mappings()
+    if how == "disconnect":
+        res = await daemon.run_vmm(region_sizes=[16 * MIB], threads=2, disconnect_after=200)
+        assert res["returncode"] == 0
+    else:
+        vmm = daemon.start_vmm(region_sizes=[16 * MIB], threads=2, prepopulate=0.0)
+        for _ in range(500):
+            if any(s.stats.pages_filled > 100 for s in daemon.listener.sessions.values()):
+                break
+            await asyncio.sleep(0.01)
+        vmm.kill()
+    await daemon.wait_idle()
+    assert daemon.listener.sessions_total == 1
+    assert 0 < daemon.listener.ended_totals.pages_filled < (16 * MIB) // 4096
+    # Everything the session held is gone at once: no fd, no mapping of the guest's memfd.
+    leaked = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _daemon_fds() - fds_before
+              if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked
+    assert _memfd_mappings() == maps_before == 0
+    # ... and the daemon carries on serving.
+    assert_all_correct(await daemon.run_vmm(region_sizes=[1 * MIB]))
+
+
+async def _raw_handshake(sock_path: str, body: bytes, fds: list[int], *, read: bool = True) -> dict[str, Any]:
+    def go() -> dict[str, Any]:
+        import array
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(sock_path)
+            s.settimeout(10)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+            s.sendmsg([body], anc)
+            line = s.makefile("rb").readline()
+            return dict(json.loads(line)) if line else {}
+
+    return await asyncio.to_thread(go)
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("uffdd-guest", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _region(addr: int = 0x7F0000000000, size: int = MIB, offset: int = 0, ps: int = 4096) -> dict[str, int]:
+    return {"base_host_virt_addr": addr, "size": size, "offset": offset, "page_size": ps}
+
+
+BAD_HANDSHAKES: list[tuple[str, bytes, str]] = [
+    ("bad-json", b'{"regions": [oops]}', "not valid JSON"),
+    ("overlap", json.dumps([_region(size=2 * MIB), _region(addr=0x7F0000100000, offset=2 * MIB)]).encode(), "overlap"),
+    ("misaligned", json.dumps([_region(addr=0x7F0000000100)]).encode(), "aligned"),
+    ("past-memfd", json.dumps([_region(offset=4 * MIB)]).encode(), "memory file"),
+    ("past-snapshot", json.dumps([_region(size=64 * MIB)]).encode(), "page source"),
+    ("unknown-source", json.dumps({"source": "nope", "regions": [_region()]}).encode(), "nope"),
+    ("hugetlb-page-size-on-shmem", json.dumps([_region(size=HUGE, ps=HUGE)]).encode(), "page size"),
+    ("not-mapped-in-vmm", json.dumps([_region()]).encode(), "register"),
+]
+
+
+async def test_malformed_handshakes_get_a_clear_error_while_a_healthy_session_finishes(daemon: Daemon) -> None:
+    from uffdd.kernel import Userfaultfd
+
+    healthy = daemon.start_vmm(region_sizes=[16 * MIB], threads=2)
+    errors: dict[str, str] = {}
+    for name, body, _ in BAD_HANDSHAKES:
+        uffd = Userfaultfd.open()
+        memfd = _memfd(128 * MIB if name == "past-snapshot" else 2 * MIB)
+        try:
+            answer = await _raw_handshake(daemon.socket, body, [uffd.fileno(), memfd])
+        finally:
+            uffd.close()
+            os.close(memfd)
+        errors[name] = answer.get("error", "")
+    # Missing fds, one fd, too many fds: each named.
+    errors["no-fds"] = (await _raw_handshake(daemon.socket, json.dumps([_region()]).encode(), [])).get("error", "")
+    r, w = os.pipe()
+    errors["three-fds"] = (await _raw_handshake(daemon.socket, json.dumps([_region()]).encode(), [r, w, r])).get(
+        "error", "")
+    os.close(r)
+    os.close(w)
+    res = await asyncio.to_thread(healthy.result, 90)
+    assert_all_correct(res)
+    for name, _, needle in BAD_HANDSHAKES:
+        assert needle in errors[name], (name, errors[name])
+    assert "2 file descriptors" in errors["no-fds"]
+    assert "file descriptors" in errors["three-fds"]
+    await daemon.wait_idle()
+    assert daemon.listener.handshakes_refused == len(BAD_HANDSHAKES) + 2
+    assert daemon.listener.sessions_total == 1
+
+
+async def test_silent_client_is_refused_after_the_handshake_timeout(daemon: Daemon) -> None:
+    def go() -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(daemon.socket)
+            s.settimeout(10)
+            s.sendall(b'[{"base_host_virt_addr": 1')  # incomplete, then silence
+            return dict(json.loads(s.makefile("rb").readline()))
+
+    answer = await asyncio.to_thread(go)
+    assert "no complete handshake within 2s" in answer["error"]
+
+
+async def test_source_failures_are_retried_and_never_reach_the_guest(
+        tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BUILTIN_SOURCES, "flaky", "tests.flaky:FlakySource")
+    FlakySource.failures = 0
+    cfg = make_config(tmp_path, snapshot_4k,
+                      sources={"default": {"kind": "flaky", "path": str(snapshot_4k), "fail_every": 3}})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        res = await d.run_vmm(region_sizes=[2 * MIB], threads=4)
+        assert_all_correct(res)
+        await d.wait_idle()
+        assert FlakySource.failures > 100
+        assert d.listener.ended_totals.source_errors == FlakySource.failures
+
+
+async def test_snapshot_truncated_mid_run_makes_faults_wait_not_read_zeros(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    """Pages past the end of a shrunken snapshot are retried until the bytes are back."""
+    snap = tmp_path / "shrinking.mem"
+    data = snapshot_4k.read_bytes()[: 4 * MIB]
+    snap.write_bytes(data)
+    cfg = make_config(tmp_path, snap)
+    async with running_daemon(cfg, snap) as d:
+        vmm = d.start_vmm(region_sizes=[4 * MIB], threads=2, start_delay=1.0)
+        for _ in range(500):
+            if d.listener.sessions:
+                break
+            await asyncio.sleep(0.01)
+        os.truncate(snap, 2 * MIB)  # after validation: the handshake saw a whole snapshot
+        errs = 0
+        for _ in range(500):
+            errs = sum(s.stats.source_errors for s in d.listener.sessions.values())
+            if errs >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert errs >= 2  # faults in the lost half are failing and waiting, not answered
+        with open(snap, "r+b") as fh:
+            fh.seek(2 * MIB)
+            fh.write(data[2 * MIB :])
+        res = await asyncio.to_thread(vmm.result, 60)
+        assert_all_correct(res)
