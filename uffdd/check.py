@@ -6,6 +6,7 @@ import mmap
 import os
 import platform
 from dataclasses import dataclass
+from typing import Literal
 
 from uffdd.kernel import KernelError, Userfaultfd, abi
 from uffdd.kernel.memory import MFD_HUGETLB
@@ -82,9 +83,10 @@ def run_checks() -> list[Check]:
         + ("" if priv else " (faults raised by KVM from kernel mode need CAP_SYS_PTRACE or the sysctl)"),
         required=False))
     opened = False
-    for via in ("syscall", "device"):
+    vias: tuple[Literal["syscall", "device"], ...] = ("syscall", "device")
+    for via in vias:
         try:
-            with Userfaultfd.open(via=via):  # type: ignore[arg-type]
+            with Userfaultfd.open(via=via):
                 pass
             checks.append(Check(f"userfaultfd via {via}", True, "opened", required=False))
             opened = True

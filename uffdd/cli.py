@@ -69,7 +69,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from uffdd.demo import DemoOptions, main as demo_main
+    from uffdd.demo import DemoOptions
+    from uffdd.demo import main as demo_main
 
     return demo_main(DemoOptions(size=args.size, page_size=args.page_size, threads=args.threads,
                                  regions=args.regions, prepopulate=args.prepopulate, workdir=args.workdir))

@@ -28,9 +28,9 @@ class MetricsConfig(_Strict):
 
 
 class HandshakeConfig(_Strict):
-    timeout: float = Field(5.0, gt=0, le=300)
+    timeout: float = Field(default=5.0, gt=0, le=300)
     """Seconds a VMM has to send the whole handshake after connecting."""
-    max_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     """Largest handshake body accepted."""
 
 

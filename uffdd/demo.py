@@ -51,7 +51,8 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
     sock = work / "uffdd.sock"
     with console.status(f"writing a {opts.size >> 20} MiB snapshot image to {snap}"):
         await asyncio.to_thread(make_snapshot, snap, opts.size, seed=7, page_size=opts.page_size)
-    config = parse_config({"listen": str(sock), "sources": {"default": {"kind": "file", "path": str(work / "{vm_id}.mem")}}})
+    config = parse_config({"listen": str(sock),
+                           "sources": {"default": {"kind": "file", "path": str(work / "{vm_id}.mem")}}})
     listener = Listener(config)
     await listener.start()
     spec = VmmSpec(socket=str(sock), snapshot=str(snap), vm_id="demo",

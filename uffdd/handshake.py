@@ -6,6 +6,7 @@ size and page size, source size) are in :func:`check_against`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -110,8 +111,8 @@ def parse(body: bytes | str) -> Handshake:
     """Parse and check a handshake body. Raise HandshakeError naming the bad field."""
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HandshakeError(f"handshake is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, huge ints, deep nesting
+        raise HandshakeError(f"handshake is not valid JSON: {str(exc)[:200]}") from None
     vm_id, source = DEFAULT_VM_ID, DEFAULT_SOURCE
     if isinstance(doc, list):
         raw_regions: object = doc
@@ -139,11 +140,11 @@ def parse(body: bytes | str) -> Handshake:
     if len({r.page_size for r in regions}) != 1:
         raise HandshakeError("regions: all regions must have the same page_size (one memory file)")
     order = sorted(range(len(regions)), key=lambda i: regions[i].start)
-    for a, b in zip(order, order[1:]):
+    for a, b in itertools.pairwise(order):
         if regions[b].start < regions[a].end:
             raise HandshakeError(f"regions[{a}] and regions[{b}] overlap in address space")
     by_offset = sorted(range(len(regions)), key=lambda i: regions[i].offset)
-    for a, b in zip(by_offset, by_offset[1:]):
+    for a, b in itertools.pairwise(by_offset):
         if _overlap((regions[a].offset, regions[a].offset + regions[a].size),
                     (regions[b].offset, regions[b].offset + regions[b].size)):
             raise HandshakeError(f"regions[{a}] and regions[{b}] overlap in the memory file (offset)")
@@ -182,7 +183,11 @@ def body_complete(buf: bytes) -> bool:
         if exc.pos >= len(text) or exc.msg.startswith("Unterminated string"):
             return False
         rest = text[exc.pos :]
+        if exc.msg.startswith("Invalid \\uXXXX escape") and len(rest) < 6:
+            return False  # the read ended inside a \uXXXX escape
         return not (exc.msg == "Expecting value" and any(w.startswith(rest) for w in _LITERALS))
+    except (ValueError, RecursionError):
+        return True  # malformed beyond repair: let parse() name the problem
     return True
 
 

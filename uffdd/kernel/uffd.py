@@ -96,7 +96,7 @@ def _device_open(flags: int, path: str = "/dev/userfaultfd") -> int:
 class Userfaultfd:
     """Owns one userfaultfd. Non-blocking once constructed, so it can sit in an event loop."""
 
-    __slots__ = ("_fd", "_buf", "_rbuf")
+    __slots__ = ("_buf", "_fd", "_rbuf")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -208,7 +208,7 @@ class Userfaultfd:
         except OSError as exc:
             done = abi.CONTINUE_STRUCT.unpack_from(buf)[3]
             raise classify("UFFDIO_CONTINUE", exc.errno or errno.EIO, max(done, 0)) from None
-        return int(abi.CONTINUE_STRUCT.unpack_from(buf)[3])
+        return length  # on success the kernel mapped the whole range
 
     def copy(self, dst: int, src: int, length: int, dontwake: bool = False) -> int:
         """UFFDIO_COPY: allocate pages at ``dst`` filled from our address ``src``."""
@@ -248,6 +248,15 @@ class Userfaultfd:
             raise classify("UFFDIO_WAKE", exc.errno or errno.EIO) from None
 
     # --- messages ------------------------------------------------------------------------
+    def read_into(self, buf: bytearray) -> int:
+        """One read(2) of whole messages into ``buf``; 0 when none are queued. The fast path."""
+        try:
+            return os.readv(self._fd, [buf])
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise classify("read(userfaultfd)", exc.errno or errno.EIO) from None
+
     def read_batch(self) -> list[UffdMsg]:
         """One read(2) of up to MAX_BATCH messages; [] when none are queued."""
         try:

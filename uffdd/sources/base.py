@@ -47,7 +47,7 @@ class PageSource(ABC):
         """Try to fill without blocking; False means "use :meth:`fill`". Default: never."""
         return False
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release what the source holds. Called once when the session ends."""
 
     def describe(self) -> str:

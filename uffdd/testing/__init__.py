@@ -10,7 +10,6 @@ from dataclasses import asdict
 from uffdd.testing.snapshot import make_snapshot
 from uffdd.testing.vmm import VmmSpec
 
-
 _ENTRY = "import sys; from uffdd.testing.vmm import main; sys.exit(main())"
 
 

@@ -88,24 +88,24 @@ def run(spec: VmmSpec) -> dict[str, object]:
         garbage = bytes([0xAB]) * ps
         # Through a throwaway mapping: hugetlbfs has no write(2).
         with mmap.mmap(memfd, off, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as whole:
-            for roff, size in zip(offsets, spec.region_sizes):
+            for roff, size in zip(offsets, spec.region_sizes, strict=False):
                 for p in range(size // ps):
                     if rng.random() < spec.prepopulate:
                         whole[roff + p * ps : roff + (p + 1) * ps] = garbage
                         prepopulated += 1
 
     maps = [mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=roff)
-            for roff, size in zip(offsets, spec.region_sizes)]
+            for roff, size in zip(offsets, spec.region_sizes, strict=False)]
     bases = [_addr(m) for m in maps]
 
     uffd = Userfaultfd.open()
     if spec.preregister:
         uffd.api(abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM)
-        for base, size in zip(bases, spec.region_sizes):
+        for base, size in zip(bases, spec.region_sizes, strict=False):
             uffd.register(base, size, abi.REGISTER_MODE_MISSING | abi.REGISTER_MODE_MINOR)
 
     regions = [{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps}
-               for b, s, o in zip(bases, spec.region_sizes, offsets)]
+               for b, s, o in zip(bases, spec.region_sizes, offsets, strict=False)]
     doc: object = regions if spec.list_form else {"vm_id": spec.vm_id, "source": spec.source, "regions": regions}
     body = json.dumps(doc).encode()
 
@@ -162,10 +162,10 @@ def run(spec: VmmSpec) -> dict[str, object]:
     if spec.verify:
         with open(spec.snapshot, "rb") as fh:
             snap = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-            for m, roff, size in zip(maps, offsets, spec.region_sizes):
-                chunk = max(VERIFY_CHUNK, ps)
-                for c in range(0, size, chunk):
-                    n = min(chunk, size - c)
+            for m, roff, size in zip(maps, offsets, spec.region_sizes, strict=False):
+                step_v = max(VERIFY_CHUNK, ps)
+                for c in range(0, size, step_v):
+                    n = min(step_v, size - c)
                     if m[c : c + n] != snap[roff + c : roff + c + n]:
                         for p in range(c, c + n, ps):
                             if m[p : p + ps] != snap[roff + p : roff + p + ps]:

@@ -1,0 +1,89 @@
+"""The command line, run as a user runs it: `python -m uffdd ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import uffdd
+
+
+def uffdd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # A wide console, so rich never folds a table cell the assertions look for.
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "uffdd", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False, env=env)
+
+
+def pages_wrong_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if "pages wrong" in line]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+def assert_demo_ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    line = pages_wrong_line(done.stdout)
+    assert re.search(r"pages wrong\W+0\W*$", line), line
+    return done.stdout
+
+
+def test_version_prints_the_package_version() -> None:
+    done = uffdd_cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"uffdd {uffdd.__version__}"
+
+
+def test_no_command_is_a_usage_error() -> None:
+    done = uffdd_cli()
+    assert done.returncode == 2
+    assert "usage: uffdd" in done.stderr
+
+
+def test_check_json_reports_usable_with_shmem_minor_faults_ok() -> None:
+    done = uffdd_cli("check", "--json")
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    assert report["usable"] is True
+    checks = {c["name"]: c for c in report["checks"]}
+    shmem = [c for name, c in checks.items() if "shmem" in name and "minor" in name]
+    assert len(shmem) == 1, sorted(checks)
+    assert shmem[0]["ok"] is True
+    assert shmem[0]["required"] is True
+    assert "CONTINUE" in shmem[0]["detail"]
+    assert checks["feature MINOR_SHMEM"]["ok"] is True
+    assert all(c["ok"] for c in report["checks"] if c["required"])
+
+
+def test_check_without_json_prints_a_table_and_the_verdict() -> None:
+    done = uffdd_cli("check")
+    assert done.returncode == 0, done.stderr
+    assert "shmem 4 KiB minor faults" in done.stdout
+    assert "uffdd can serve guests on this host" in done.stdout
+
+
+def test_demo_restores_a_small_guest_with_no_wrong_page() -> None:
+    out = assert_demo_ok(uffdd_cli("demo", "--size", "16M", "--threads", "2", timeout=120))
+    assert "16 MiB" in out
+    assert "4,096" in out  # pages checked
+
+
+def test_demo_restores_a_small_guest_on_2m_huge_pages(hugepages: Callable[[int], None]) -> None:
+    hugepages(16)
+    out = assert_demo_ok(uffdd_cli("demo", "--size", "16M", "--page-size", "2M", timeout=120))
+    assert "hugetlbfs" in out
+    assert "2048 KiB pages" in out
+
+
+@pytest.mark.parametrize("size", ["lots", "M", ""])
+def test_demo_refuses_a_size_that_is_not_a_size(size: str) -> None:
+    done = uffdd_cli("demo", "--size", size)
+    assert done.returncode == 2
+    assert "not a size" in done.stderr
