@@ -111,6 +111,8 @@ def make_config(tmp_path: Path, snapshot: Path, **extra: Any) -> Config:
         "sources": {"default": {"kind": "file", "path": str(snapshot)},
                     "byid": {"kind": "file", "path": str(snapshot.parent / "{vm_id}.mem")}},
         "handshake": {"timeout": 2.0},
+        # The core fault path alone, unless a test asks for fault-around or pre-paging.
+        "session": {"fault_around": 0, "prefetch": {"enabled": False}},
     }
     data.update(extra)
     return parse_config(data)

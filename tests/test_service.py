@@ -29,11 +29,12 @@ def test_daemon_process_serves_a_guest_logs_one_line_per_session_and_exits_0_on_
     assert d.stop(signal.SIGTERM) == 0
     events = [e["event"] for e in d.log_lines()]
     assert events.count("session_start") == 1
+    assert events.count("session_complete") == 1
     assert events.count("session_end") == 1
-    assert len(events) <= 6, events  # no line per fault at the default level
+    assert len(events) <= 7, events  # no line per fault at the default level
     end = next(e for e in d.log_lines() if e["event"] == "session_end")
     assert end["pages_filled"] == end["pages_total"] == 1024
-    assert end["fault_msgs"] >= 1024
+    assert end["pages_demand"] + end["pages_fault_around"] + end["pages_prefetch"] == 1024
     assert not Path(d.socket).exists()  # the socket file is removed on a clean stop
 
 

@@ -34,12 +34,34 @@ class HandshakeConfig(_Strict):
     """Largest handshake body accepted."""
 
 
+class PrefetchConfig(_Strict):
+    enabled: bool = True
+    """Fetch every page not yet filled in the background, after demand faults."""
+    chunk: int = Field(default=4 << 20, ge=4096, le=256 << 20)
+    """Bytes per background read and per UFFDIO_CONTINUE."""
+    rate: float | None = Field(default=None, gt=0)
+    """Limit in MiB/s; unset: as fast as the source allows."""
+    max_inflight: int = Field(default=16 << 20, ge=4096)
+    """Bytes of background reads in flight at once."""
+
+
+class SessionConfig(_Strict):
+    fault_around: int = Field(default=65536, ge=0, le=2 << 20)
+    """Bytes filled around a demand fault (an aligned block, one CONTINUE); 0 or one page: off."""
+    prefetch: PrefetchConfig = PrefetchConfig()
+    record: bool = False
+    """Write the first-fault order next to the snapshot, for later restores to prefetch first."""
+    replay: bool = True
+    """Prefetch a recorded working set first when a record file exists."""
+
+
 class Config(_Strict):
     listen: str = "/run/uffdd/uffdd.sock"
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     handshake: HandshakeConfig = HandshakeConfig()
+    session: SessionConfig = SessionConfig()
 
     @field_validator("sources", mode="before")
     @classmethod

@@ -198,7 +198,8 @@ class Listener:
                 source = await self._open_source(hs)
                 try:
                     session = Session.create(
-                        session_id=session_id, handshake=hs, uffd_fd=fds[0], memfd=fds[1], source=source)
+                        session_id=session_id, handshake=hs, uffd_fd=fds[0], memfd=fds[1], source=source,
+                        config=self.config.session)
                 except BaseException:
                     await source.aclose()
                     raise
@@ -211,10 +212,19 @@ class Listener:
                 return
             self.sessions[session_id] = session
             self.sessions_total += 1
-            session.start()
+
+            def completed(s: Session) -> None:
+                line = json.dumps({"event": "complete", "session": s.id, "pages": s.stats.pages_total,
+                                   "bytes": s.stats.bytes_filled}) + "\n"
+                with contextlib.suppress(OSError):
+                    conn.send(line.encode())  # one short line: fits the socket buffer
+
+            session.on_complete = completed
+            # "ready" goes out before anything else can be sent; faults queue meanwhile.
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(conn, (json.dumps(
                     {"status": "ready", "session": session_id, "pages": session.stats.pages_total}) + "\n").encode())
+            session.start()
             await self._until_eof_or_done(conn, session)
         finally:
             _close_fds(fds)

@@ -43,6 +43,20 @@ class PageSource(ABC):
         Must not return with ``dest`` partly written: the caller installs it into the guest.
         """
 
+    async def prefetch(self, offset: int, dest: memoryview) -> None:
+        """Fill for background pre-paging. Sources with a slower, non-urgent path use it here
+        so that demand fills never queue behind prefetch; by default the same as :meth:`fill`."""
+        await self.fill(offset, dest)
+
+    def backing_fd(self) -> int | None:
+        """A regular file holding the source's bytes at the same offsets, for bulk copies made
+        off the event loop (pwrite/preadv in a worker thread); None if there is none."""
+        return None
+
+    def record_path(self) -> str | None:
+        """Where a working-set record for this source lives; None: recording not supported."""
+        return None
+
     def fill_nowait(self, offset: int, dest: memoryview) -> bool:
         """Try to fill without blocking; False means "use :meth:`fill`". Default: never."""
         return False

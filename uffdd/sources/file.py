@@ -11,6 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Literal
 
+from uffdd import workingset
 from uffdd.errors import SourceError, SourceShortRead, SourceUnavailable
 from uffdd.sources.base import PageSource, SourceConfig
 
@@ -89,6 +90,12 @@ class FileSource(PageSource):
     async def fill(self, offset: int, dest: memoryview) -> None:
         self.cold_reads += 1
         await asyncio.get_running_loop().run_in_executor(_executor(), self._read_full, offset, dest)
+
+    def backing_fd(self) -> int | None:
+        return self._fd if self._fd >= 0 else None
+
+    def record_path(self) -> str:
+        return workingset.default_path(self.path)
 
     async def aclose(self) -> None:
         if self._fd >= 0:

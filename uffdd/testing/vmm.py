@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from uffdd.kernel import Userfaultfd, abi
 
@@ -54,8 +55,14 @@ class VmmSpec:
     disconnect_after: int = -1
     """Pages touched (by thread 0) before the VMM drops the connection and exits at once."""
     verify: bool = True
+    verify_only_touched: bool = False
+    """Check only the pages the vCPUs touched (reading the rest would fault them in)."""
     start_delay: float = 0.0
     """Seconds to wait after the daemon's ready line before the vCPUs start."""
+    wait_complete: float = 0.0
+    """If > 0: after the workload, wait up to this many seconds for the daemon's "complete"
+    event; then count pages already present (via /proc/self/pagemap, before touching them)
+    and check that the ranges were unregistered."""
     timeout: int = 120
     extra_fds: list[int] = field(default_factory=list)
 
@@ -119,7 +126,8 @@ def run(spec: VmmSpec) -> dict[str, object]:
     for chunk in chunks[1:]:
         time.sleep(0.05)
         sock.sendall(chunk)
-    reply = sock.makefile("rb").readline()
+    lines = sock.makefile("rb")
+    reply = lines.readline()
     answer = json.loads(reply) if reply else {"error": "daemon closed the connection"}
     if "error" in answer:
         return {"ok": False, "error": answer["error"], "stage": "handshake"}
@@ -129,7 +137,8 @@ def run(spec: VmmSpec) -> dict[str, object]:
              for i, size in enumerate(spec.region_sizes) for p in range(size // ps)]
     order = list(range(len(pages)))
     rng.shuffle(order)
-    order = order[: max(1, int(len(order) * spec.touch_fraction))]
+    keep = int(len(order) * spec.touch_fraction)
+    order = order[: max(keep, 1 if spec.touch_fraction > 0 else 0)]
     shares = [order] * spec.threads if spec.same_pages else [order[t :: spec.threads] for t in range(spec.threads)]
     latencies: list[array.array[int]] = [array.array("q") for _ in range(spec.threads)]
     scratch = [ctypes.create_string_buffer(8) for _ in range(spec.threads)]
@@ -157,9 +166,21 @@ def run(spec: VmmSpec) -> dict[str, object]:
         th.join()
     elapsed = time.perf_counter() - start
 
+    extra: dict[str, object] = {}
+    if spec.wait_complete > 0:
+        extra = _await_completion(spec, lines, sock, bases)
     wrong: list[int] = []
     checked = 0
-    if spec.verify:
+    if spec.verify and spec.verify_only_touched:
+        with open(spec.snapshot, "rb") as fh:
+            snap = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+            for i in order:
+                a, foff = pages[i]
+                got = ctypes.string_at(a, ps)
+                if got != snap[foff : foff + ps]:
+                    wrong.append(foff // ps)
+            checked = len(order)
+    elif spec.verify:
         with open(spec.snapshot, "rb") as fh:
             snap = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
             for m, roff, size in zip(maps, offsets, spec.region_sizes, strict=False):
@@ -184,10 +205,54 @@ def run(spec: VmmSpec) -> dict[str, object]:
         "p50_us": _quantile(all_ns, 0.5),
         "p99_us": _quantile(all_ns, 0.99),
         "pages_checked": checked,
+        "verify_only_touched": spec.verify_only_touched,
         "wrong_pages": len(wrong),
         "wrong_sample": wrong[:16],
         "session": answer.get("session"),
+        **extra,
     }
+
+
+def _pages_present(base: int, size: int, ps: int) -> int:
+    """Pages of [base, base+size) mapped in this process, without touching them."""
+    present = 0
+    with open("/proc/self/pagemap", "rb") as pm:
+        for a in range(base, base + size, ps):
+            pm.seek((a // mmap.PAGESIZE) * 8)
+            present += bool(int.from_bytes(pm.read(8), "little") >> 63)
+    return present
+
+
+def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: list[int]) -> dict[str, object]:
+    sock.settimeout(spec.wait_complete)
+    events: list[dict[str, object]] = []
+    try:
+        line = lines.readline()
+        if line:
+            events.append(json.loads(line))
+    except (TimeoutError, OSError):
+        pass
+    present = sum(_pages_present(b, s, spec.page_size) for b, s in zip(bases, spec.region_sizes, strict=True))
+    # Registering the ranges on a fresh userfaultfd only works once uffdd has unregistered them.
+    unregistered = True
+    with Userfaultfd.open() as probe:
+        probe.api(abi.FEATURE_MINOR_HUGETLBFS if spec.page_size > mmap.PAGESIZE else abi.FEATURE_MINOR_SHMEM)
+        for b, s in zip(bases, spec.region_sizes, strict=True):
+            try:
+                probe.register(b, s, abi.REGISTER_MODE_MINOR)
+                probe.unregister(b, s)
+            except OSError:
+                unregistered = False
+    # Any further line would be a second "complete": look briefly.
+    sock.settimeout(0.3)
+    try:
+        line = lines.readline()
+        if line:
+            events.append(json.loads(line))
+    except (TimeoutError, OSError):
+        pass
+    sock.settimeout(None)
+    return {"events": events, "present_before_touch": present, "unregistered": unregistered}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,184 @@
+"""Fault-around, background pre-paging, completion, working-set record and replay."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pytest
+import structlog
+
+from tests.conftest import HUGE, Daemon, make_config, running_daemon
+from tests.test_session import assert_all_correct
+from uffdd import workingset
+from uffdd.sources import BUILTIN_SOURCES
+from uffdd.sources.base import PageSource, SourceConfig
+from uffdd.sources.file import FileSource, FileSourceConfig
+
+MIB = 1 << 20
+PREFETCH_ON = {"fault_around": 0, "prefetch": {"enabled": True}}
+
+
+def session_cfg(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"fault_around": 0, "prefetch": {"enabled": False}}
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("page_size", [4096, HUGE], ids=["4k", "2m"])
+async def test_idle_guest_is_fully_installed_and_told_once_then_reads_without_a_fault(
+        tmp_path: Path, snapshot_4k: Path, snapshot_2m: Path, hugepages: Any, page_size: int) -> None:
+    snap = snapshot_2m if page_size == HUGE else snapshot_4k
+    if page_size == HUGE:
+        hugepages(12)
+    cfg = make_config(tmp_path, snap, session=PREFETCH_ON)
+    async with running_daemon(cfg, snap) as d:
+        res = await d.run_vmm(region_sizes=[16 * MIB, 8 * MIB], page_size=page_size, touch_fraction=0,
+                              wait_complete=30, prepopulate=0.2)
+        assert_all_correct(res)
+        pages = 24 * MIB // page_size
+        assert res["present_before_touch"] == pages  # every page mapped before the guest touched any
+        assert res["unregistered"] is True
+        assert [e["event"] for e in res["events"]] == ["complete"]  # reported exactly once
+        await d.wait_idle()
+        t = d.listener.ended_totals
+        assert t.fault_msgs == 0
+        assert t.pages_prefetch == t.pages_filled == pages
+
+
+async def test_fault_around_fills_the_block_with_one_fault(tmp_path: Path, snapshot_4k: Path) -> None:
+    cfg = make_config(tmp_path, snapshot_4k, session=session_cfg(fault_around=64 * 1024))
+    async with running_daemon(cfg, snapshot_4k) as d:
+        res = await d.run_vmm(region_sizes=[8 * MIB], threads=4, prepopulate=0.1)
+        assert_all_correct(res)
+        await d.wait_idle()
+        t = d.listener.ended_totals
+        assert t.pages_demand + t.pages_fault_around == t.pages_filled == 2048
+        assert t.pages_fault_around > 2048 // 2
+        assert t.fault_msgs < 2048 // 2  # most touches found their page already mapped
+
+
+class SlowPrefetchConfig(SourceConfig):
+    kind: Literal["slowprefetch"] = "slowprefetch"
+    path: str
+
+
+class SlowPrefetchSource(PageSource):
+    """Demand fills are fast; every background fill takes a long time."""
+
+    config_model: ClassVar[type[SourceConfig]] = SlowPrefetchConfig
+    prefetch_calls = 0
+
+    def __init__(self, inner: FileSource) -> None:
+        self.inner = inner
+
+    @classmethod
+    async def open(cls, config: SourceConfig, *, vm_id: str) -> SlowPrefetchSource:
+        assert isinstance(config, SlowPrefetchConfig)
+        return cls(await FileSource.open(FileSourceConfig(path=config.path), vm_id=vm_id))
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    async def fill(self, offset: int, dest: memoryview) -> None:
+        await self.inner.fill(offset, dest)
+
+    async def prefetch(self, offset: int, dest: memoryview) -> None:
+        SlowPrefetchSource.prefetch_calls += 1
+        await asyncio.sleep(0.5)
+        await self.inner.fill(offset, dest)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_demand_faults_are_served_ahead_of_queued_background_work(
+        tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BUILTIN_SOURCES, "slowprefetch", "tests.test_prefetch:SlowPrefetchSource")
+    cfg = make_config(tmp_path, snapshot_4k, sources={"default": {"kind": "slowprefetch", "path": str(snapshot_4k)}},
+                      session={"fault_around": 0, "prefetch": {"enabled": True, "chunk": 64 * 1024,
+                                                                "max_inflight": 256 * 1024}})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        # 4096 pages; background work at 4 chunks of 16 pages per 0.5 s would need ~30 s.
+        res = await d.run_vmm(region_sizes=[16 * MIB], threads=4, timeout=20)
+        assert_all_correct(res)
+        assert res["elapsed_s"] < 10
+        s = next(iter(d.listener.sessions.values()), None)
+        await d.wait_idle()
+        t = d.listener.ended_totals
+        assert SlowPrefetchSource.prefetch_calls > 0
+        assert t.pages_demand > 3000 and t.pages_prefetch < 1000, (s, t)
+
+
+async def test_recorded_working_set_is_replayed_and_cuts_faults(tmp_path: Path, snapshot_4k: Path) -> None:
+    snap = tmp_path / "ws.mem"
+    shutil.copy(snapshot_4k, snap)
+    workload: dict[str, Any] = {"region_sizes": [16 * MIB], "touch_fraction": 0.1, "seed": 9, "threads": 2,
+                                "verify_only_touched": True}
+    cfg1 = make_config(tmp_path, snap, session=session_cfg(record=True))
+    async with running_daemon(cfg1, snap) as d:
+        assert_all_correct(await d.run_vmm(**workload))
+        await d.wait_idle()
+        faults_recording = d.listener.ended_totals.fault_msgs
+    record = workingset.default_path(snap)
+    pages = workingset.parse(Path(record).read_bytes(), source_size=snap.stat().st_size, page_size=4096)
+    assert len(pages) == faults_recording == int(4096 * 0.1)
+
+    cfg2 = make_config(tmp_path, snap, session=session_cfg(record=True, replay=True))
+    async with running_daemon(cfg2, snap) as d:
+        assert_all_correct(await d.run_vmm(start_delay=0.5, **workload))
+        await d.wait_idle()
+        t = d.listener.ended_totals
+    assert t.pages_replay == len(pages)
+    assert t.fault_msgs < faults_recording // 4
+    # The replayed record is kept, not replaced by this run's much smaller one.
+    assert len(workingset.parse(Path(record).read_bytes(), source_size=snap.stat().st_size, page_size=4096)) == len(
+        pages)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "stale-size", "truncated"])
+async def test_corrupt_or_stale_record_is_ignored_with_a_warning(
+        tmp_path: Path, snapshot_4k: Path, damage: str) -> None:
+    snap = tmp_path / "ws.mem"
+    shutil.copy(snapshot_4k, snap)
+    good = workingset.encode([1, 2, 3], source_size=snap.stat().st_size, page_size=4096)
+    bad = {"garbage": b"\x00not a record at all",
+           "stale-size": workingset.encode([1, 2, 3], source_size=snap.stat().st_size * 2, page_size=4096),
+           "truncated": good[:-2]}[damage]
+    Path(workingset.default_path(snap)).write_bytes(bad)
+    cfg = make_config(tmp_path, snap, session=session_cfg(replay=True))
+    with structlog.testing.capture_logs() as logs:
+        async with running_daemon(cfg, snap) as d:
+            assert_all_correct(await d.run_vmm(region_sizes=[4 * MIB], start_delay=0.3))
+            await d.wait_idle()
+            assert d.listener.ended_totals.pages_replay == 0
+    warnings = [e for e in logs if e["event"] == "working_set_ignored"]
+    assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
+
+
+async def test_prefetch_rate_limit_holds_background_bandwidth(tmp_path: Path, snapshot_4k: Path) -> None:
+    cfg = make_config(tmp_path, snapshot_4k, session={"fault_around": 0, "prefetch": {
+        "enabled": True, "chunk": 256 * 1024, "rate": 8.0}})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        vmm = d.start_vmm(region_sizes=[16 * MIB], touch_fraction=0, wait_complete=30)
+        await asyncio.sleep(1.0)
+        s = next(iter(d.listener.sessions.values()))
+        assert 4 * MIB <= s.stats.bytes_filled <= 12 * MIB  # ~8 MiB after 1 s at 8 MiB/s
+        res = await asyncio.to_thread(vmm.result, 30)
+        assert_all_correct(res)
+
+
+async def test_defaults_restore_a_guest_with_demand_fault_around_and_prefetch_together(daemon: Daemon,
+                                                                                       tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, daemon.snapshot, listen=str(tmp_path / "defaults.sock"),
+                      session={})
+    async with running_daemon(cfg, daemon.snapshot) as d:
+        res = await d.run_vmm(region_sizes=[16 * MIB, 8 * MIB], threads=4, prepopulate=0.1, wait_complete=30)
+        assert_all_correct(res)
+        assert [e["event"] for e in res["events"]] == ["complete"]
+        await d.wait_idle()
+        t = d.listener.ended_totals
+        assert t.pages_demand + t.pages_fault_around + t.pages_prefetch == t.pages_filled == 6144
