@@ -248,13 +248,15 @@ class Session:
     # --- construction --------------------------------------------------------------------
     @classmethod
     def create(
-        cls, *, session_id: str, handshake: Handshake, uffd_fd: int, memfd: int, source: PageSource,
+        cls, *, session_id: str, handshake: Handshake, uffd_fd: int, memfd: int | None, source: PageSource,
         config: SessionConfig | None = None,
     ) -> Session:
         """Validate the handshake against the fds and the source, set up the uffd, and build.
 
-        Takes ownership of both fds only on success; on failure the caller still owns them.
+        Takes ownership of the fds only on success; on failure the caller still owns them.
         """
+        if memfd is None:
+            raise HandshakeError("anonymous memory ([uffd] alone) is not supported yet: send [uffd, memfd]")
         page_size = file_page_size(memfd)
         check_against(handshake, memfd_size=file_size(memfd), memfd_page_size=page_size, source_size=source.size)
         uffd = Userfaultfd(uffd_fd)

@@ -190,16 +190,15 @@ class Listener:
                 body, fds = await receive_handshake(
                     conn, max_bytes=self.config.handshake.max_bytes, timeout=self.config.handshake.timeout)
                 hs = hs_mod.parse(body)
-                if len(fds) != 2:
+                if len(fds) not in (1, 2):
                     raise HandshakeError(
-                        f"expected 2 file descriptors [uffd, memfd] with the handshake, got {len(fds)}"
-                        + (" (anonymous memory with [uffd] alone is not supported by this daemon)"
-                           if len(fds) == 1 else ""))
+                        f"expected the file descriptors [uffd, memfd] (shared memory) or [uffd] "
+                        f"(anonymous memory) with the handshake, got {len(fds)}")
                 source = await self._open_source(hs)
                 try:
                     session = Session.create(
-                        session_id=session_id, handshake=hs, uffd_fd=fds[0], memfd=fds[1], source=source,
-                        config=self.config.session)
+                        session_id=session_id, handshake=hs, uffd_fd=fds[0],
+                        memfd=fds[1] if len(fds) == 2 else None, source=source, config=self.config.session)
                 except BaseException:
                     await source.aclose()
                     raise
