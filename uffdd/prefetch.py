@@ -260,7 +260,10 @@ class Prefetcher:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"uffdd-prefetch-{self.s.id}")
+            # Copies into one shmem file serialize on its inode lock: one thread. hugetlbfs
+            # copies (preadv into separate huge pages) scale with a second core.
+            workers = 2 if self.s.hugetlb else 1
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"uffdd-prefetch-{self.s.id}")
         return self._pool
 
     def _copy_segments(self, fd: int, segs: list[Segment]) -> None:

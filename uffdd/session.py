@@ -88,6 +88,8 @@ class SessionStats:
     pages_prefetch: int = 0
     pages_replay: int = 0
     blocked_ns: int = 0
+    complete_s: float = 0.0
+    """Seconds from session start until every page was in place (0: not complete)."""
     """Sum over demand faults of read -> installed: the vCPU time uffdd is responsible for."""
     fault_msgs: int = 0
     minor_faults: int = 0
@@ -120,6 +122,7 @@ class SessionStats:
 
     def add(self, other: SessionStats) -> None:
         """Fold another session's counters into these (totals of ended sessions)."""
+        self.complete_s = other.complete_s  # the latest session's, for benchmarks
         for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for i, n in enumerate(other.latency_log2_us):
@@ -134,6 +137,7 @@ class SessionStats:
             "pages_prefetch": self.pages_prefetch,
             "pages_replay": self.pages_replay,
             "blocked_ms": round(self.blocked_ns / 1e6, 3),
+            "complete_s": round(self.complete_s, 4),
             "fault_msgs": self.fault_msgs,
             "minor_faults": self.minor_faults,
             "fills_inline": self.fills_inline,
@@ -371,6 +375,7 @@ class Session:
 
     async def _complete(self) -> None:
         """Every page is in place: unregister, report once, release the source."""
+        self.stats.complete_s = time.monotonic() - self.stats.started
         await self._stop_work()
         for r in self.regions:
             try:
