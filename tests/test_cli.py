@@ -47,17 +47,19 @@ def test_no_command_is_a_usage_error() -> None:
     assert "usage: uffdd" in done.stderr
 
 
-def test_check_json_reports_usable_with_shmem_minor_faults_ok() -> None:
+def test_check_json_reports_usable_with_each_memory_type_and_event() -> None:
     done = uffdd_cli("check", "--json")
     assert done.returncode == 0, done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
     assert report["usable"] is True
     checks = {c["name"]: c for c in report["checks"]}
-    shmem = [c for name, c in checks.items() if "shmem" in name and "minor" in name]
-    assert len(shmem) == 1, sorted(checks)
-    assert shmem[0]["ok"] is True
-    assert shmem[0]["required"] is True
-    assert "CONTINUE" in shmem[0]["detail"]
+    shmem = checks["shmem 4 KiB (memfd)"]
+    assert shmem["ok"] is True and shmem["required"] is True
+    assert "served with CONTINUE" in shmem["detail"]
+    assert "served with COPY" in checks["anonymous 4 KiB"]["detail"]
+    assert "ZEROPAGE" in checks["anonymous 4 KiB"]["detail"]
+    assert checks["balloon / MADV_DONTNEED (REMOVE events)"]["ok"] is True
+    assert checks["poisoned pages (UFFDIO_POISON)"]["ok"] is True
     assert checks["feature MINOR_SHMEM"]["ok"] is True
     assert all(c["ok"] for c in report["checks"] if c["required"])
 
@@ -65,7 +67,7 @@ def test_check_json_reports_usable_with_shmem_minor_faults_ok() -> None:
 def test_check_without_json_prints_a_table_and_the_verdict() -> None:
     done = uffdd_cli("check")
     assert done.returncode == 0, done.stderr
-    assert "shmem 4 KiB minor faults" in done.stdout
+    assert "shmem 4 KiB (memfd)" in done.stdout
     assert "uffdd can serve guests on this host" in done.stdout
 
 

@@ -39,38 +39,53 @@ def _read(path: str) -> str:
         return f"unreadable ({exc.strerror})"
 
 
-def _try_register(hugetlb: bool) -> Check:
-    """Create a memfd of the type, map it shared and register MISSING|MINOR, as a VMM's would be."""
-    kind = "hugetlbfs 2 MiB" if hugetlb else "shmem 4 KiB"
+_IOCTL_NAMES = {abi.IOCTL_BIT_WAKE: "WAKE", abi.IOCTL_BIT_COPY: "COPY", abi.IOCTL_BIT_ZEROPAGE: "ZEROPAGE",
+                abi.IOCTL_BIT_CONTINUE: "CONTINUE", 0x08: "POISON"}
+
+
+def _try_register(kind: str) -> Check:
+    """Map memory of one kind as a VMM would, register it as uffdd does, and report the
+    range ioctls the kernel then allows. kind: shmem, hugetlbfs, anon, anon-hugetlb."""
+    hugetlb = kind in ("hugetlbfs", "anon-hugetlb")
+    anonymous = kind.startswith("anon")
     size = HUGE if hugetlb else 16 * mmap.PAGESIZE
+    name = {"shmem": "shmem 4 KiB (memfd)", "hugetlbfs": "hugetlbfs 2 MiB (memfd)",
+            "anon": "anonymous 4 KiB", "anon-hugetlb": "anonymous 2 MiB (MAP_HUGETLB)"}[kind]
+    required = kind == "shmem"
+    needed = abi.IOCTL_BIT_COPY if anonymous else abi.IOCTL_BIT_CONTINUE
+    fd = -1
     try:
-        fd = os.memfd_create("uffdd-check", os.MFD_CLOEXEC | (MFD_HUGETLB if hugetlb else 0))
-    except OSError as exc:
-        return Check(f"{kind} minor faults", False, f"memfd_create failed: {exc.strerror}", required=not hugetlb)
-    try:
-        os.ftruncate(fd, size)
-        try:
+        if anonymous:
+            mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (0x40000 if hugetlb else 0))
+        else:
+            fd = os.memfd_create("uffdd-check", os.MFD_CLOEXEC | (MFD_HUGETLB if hugetlb else 0))
+            os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as exc:
-            hint = " (reserve pages: echo N > /proc/sys/vm/nr_hugepages)" if hugetlb else ""
-            return Check(f"{kind} minor faults", False, f"mmap failed: {exc.strerror}{hint}", required=not hugetlb)
+    except OSError as exc:
+        hint = " (reserve pages: echo N > /proc/sys/vm/nr_hugepages)" if hugetlb else ""
+        return Check(name, False, f"cannot map it: {exc.strerror}{hint}", required=required)
+    try:
         import ctypes
 
         addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        mode = abi.REGISTER_MODE_MISSING | (0 if anonymous else abi.REGISTER_MODE_MINOR)
         try:
             with Userfaultfd.open() as u:
-                u.api(abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM)
-                ioctls = u.register(addr, size, abi.REGISTER_MODE_MISSING | abi.REGISTER_MODE_MINOR)
+                u.api((0 if anonymous else abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM)
+                      | (abi.FEATURE_EVENT_REMOVE | abi.FEATURE_EVENT_UNMAP | abi.FEATURE_EVENT_REMAP))
+                ioctls = u.register(addr, size, mode)
                 u.unregister(addr, size)
-            ok = bool(ioctls & (1 << abi.IOCTL_BIT_CONTINUE))
-            detail = "REGISTER MISSING|MINOR ok, CONTINUE allowed" if ok else "CONTINUE not allowed"
-            return Check(f"{kind} minor faults", ok, detail, required=not hugetlb)
         except KernelError as exc:
-            return Check(f"{kind} minor faults", False, str(exc), required=not hugetlb)
-        finally:
-            del addr
+            return Check(name, False, str(exc), required=required)
+        allowed = [n for bit, n in _IOCTL_NAMES.items() if ioctls & (1 << bit)]
+        ok = bool(ioctls & (1 << needed))
+        how = "COPY" if anonymous else "CONTINUE"
+        detail = (f"REGISTER {'MISSING' if anonymous else 'MISSING|MINOR'} ok; served with {how}; "
+                  f"ioctls: {' '.join(allowed)}; REMOVE/UNMAP/REMAP events on")
+        return Check(name, ok, detail if ok else f"{how} not allowed", required=required)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 def run_checks() -> list[Check]:
@@ -103,8 +118,16 @@ def run_checks() -> list[Check]:
         checks.append(Check(f"feature {abi.FEATURE_NAMES[bit]}", bool(feats & bit),
                             "supported" if feats & bit else "missing: kernel too old (needs >= 5.13)",
                             required=bit == abi.FEATURE_MINOR_SHMEM))
-    checks.append(_try_register(hugetlb=False))
-    checks.append(_try_register(hugetlb=True))
+    for kind in ("shmem", "hugetlbfs", "anon", "anon-hugetlb"):
+        checks.append(_try_register(kind))
+    for bit, what in ((abi.FEATURE_EVENT_REMOVE, "balloon / MADV_DONTNEED (REMOVE events)"),
+                      (abi.FEATURE_EVENT_UNMAP, "munmap (UNMAP events)"), (abi.FEATURE_EVENT_REMAP, "mremap (REMAP events)"),
+                      (abi.FEATURE_EVENT_FORK, "fork (FORK events, needs CAP_SYS_PTRACE; not served)"),
+                      (abi.FEATURE_POISON, "poisoned pages (UFFDIO_POISON)"),
+                      (abi.FEATURE_THREAD_ID, "vCPU attribution (THREAD_ID)"),
+                      (abi.FEATURE_EXACT_ADDRESS, "exact fault addresses")):
+        checks.append(Check(what, bool(feats & bit), "supported" if feats & bit else "not offered by this kernel",
+                            required=False))
     checks.append(Check("hugepages reserved", True,
                         f"nr_hugepages={_read('/proc/sys/vm/nr_hugepages')}", required=False))
     return checks

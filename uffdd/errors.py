@@ -5,7 +5,8 @@
     ├── HandshakeError         a VMM's handshake message is malformed (names the field)
     ├── SourceError            a page source could not deliver a page
     │   ├── SourceUnavailable  it cannot be opened / reached at all
-    │   └── SourceShortRead    it ended before the page did (never zero-filled)
+    │   ├── SourceShortRead    it ended before the page did (never zero-filled)
+    │   └── PagePoisoned       the source holds a memory error there (installed as poison)
     └── SessionError           a session cannot go on (its guest or userfaultfd is gone)
 
 Kernel refusals are :class:`uffdd.kernel.KernelError` (an ``OSError``) and its subclasses.
@@ -36,6 +37,19 @@ class SourceUnavailable(SourceError):
 
 class SourceShortRead(SourceError):
     """The source had fewer bytes than the page needs."""
+
+
+class PagePoisoned(SourceError):
+    """The source marks bytes [offset, offset+length) as poisoned (a hardware memory error at
+    the source). Not retried: the guest gets UFFDIO_POISON there and a SIGBUS on access."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        super().__init__(f"poisoned bytes at {offset:#x}+{length:#x}")
+        self.offset = offset
+        self.length = length
+
+    def covers(self, offset: int, length: int) -> bool:
+        return self.offset < offset + length and offset < self.offset + self.length
 
 
 class SessionError(UffddError):

@@ -151,14 +151,15 @@ def parse(body: bytes | str) -> Handshake:
     return Handshake(vm_id=vm_id, source=source, regions=regions)
 
 
-def check_against(hs: Handshake, *, memfd_size: int, memfd_page_size: int, source_size: int | None) -> None:
-    """Check the regions against the memory file and the page source; raise HandshakeError."""
-    if memfd_page_size != hs.page_size:
+def check_against(hs: Handshake, *, memfd_size: int | None, memfd_page_size: int | None,
+                  source_size: int | None) -> None:
+    """Check the regions against the memory file (None: anonymous memory) and the page source."""
+    if memfd_page_size is not None and memfd_page_size != hs.page_size:
         raise HandshakeError(
             f"regions[0].page_size: {hs.page_size} does not match the memory file's page size "
             f"{memfd_page_size} ({'hugetlbfs' if memfd_page_size > 4096 else 'shmem'})")
     for i, r in enumerate(hs.regions):
-        if r.offset + r.size > memfd_size:
+        if memfd_size is not None and r.offset + r.size > memfd_size:
             raise HandshakeError(
                 f"regions[{i}]: offset {r.offset:#x} + size {r.size:#x} lies past the end of the "
                 f"memory file ({memfd_size:#x} bytes)")

@@ -8,6 +8,12 @@ A page moves EMPTY -> FILLING -> INSTALLING -> FILLED:
   guest may already have it mapped (and written to it), so after a crash it is CONTINUE'd again
   but never refilled.
 - FILLED: UFFDIO_CONTINUE returned (or said EEXIST).
+- REMOVED: the guest discarded it (MADV_DONTNEED/REMOVE, a balloon): the source's bytes must
+  never come back; a later fault gets zeros (or, on shmem, what the page cache still holds).
+- UNMAPPED: the guest unmapped it; nothing to serve.
+
+For anonymous memory (UFFDIO_COPY) there is no page cache: COPY installs atomically and never
+overwrites, so after a crash an INSTALLING page is simply filled and copied again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ EMPTY: Final = 0
 FILLING: Final = 1
 INSTALLING: Final = 2
 FILLED: Final = 3
+REMOVED: Final = 4
+UNMAPPED: Final = 5
 
 
 class PageStates:
@@ -45,12 +53,14 @@ class PageStates:
     def count(self, value: int) -> int:
         return self._mm[: self.size].count(bytes((value,)))
 
-    def recover(self) -> None:
-        """After a crash: pages that were being filled are refilled from scratch."""
-        start = 0
-        while (i := self.find(FILLING, start, self.size)) >= 0:
-            self.view[i] = EMPTY
-            start = i + 1
+    def recover(self, *, anonymous: bool = False) -> None:
+        """After a crash: pages that were being filled are refilled from scratch (and, for
+        anonymous memory, so are pages whose COPY may not have happened)."""
+        for state in (FILLING, INSTALLING) if anonymous else (FILLING,):
+            start = 0
+            while (i := self.find(state, start, self.size)) >= 0:
+                self.view[i] = EMPTY
+                start = i + 1
 
     def close(self) -> None:
         """Unmap and close; views sliced from ``view`` must have been released."""

@@ -20,7 +20,7 @@ import structlog
 
 from uffdd import workingset
 from uffdd.config import SessionConfig
-from uffdd.errors import SourceError
+from uffdd.errors import PagePoisoned, SourceError
 from uffdd.pagestate import EMPTY, FILLING
 
 if TYPE_CHECKING:
@@ -58,6 +58,11 @@ class Prefetcher:
         self._rate_bytes = 0
         self._pending: set[asyncio.Task[None]] = set()
         self._inflight: list[_InFlight] = []
+        self._stopped = False
+
+    def stop(self) -> None:
+        """No new background work (the session is complete); work in flight finishes."""
+        self._stopped = True
 
     def close(self) -> None:
         if self._pool is not None:
@@ -163,7 +168,7 @@ class Prefetcher:
         return None
 
     async def _scan(self) -> None:
-        while not self.s.closed:
+        while not self.s.closed and not self._stopped:
             await self._slots.acquire()  # claim pages only when they can be fetched right away
             seg = self._next_run()
             if seg is None:
@@ -197,11 +202,31 @@ class Prefetcher:
             await asyncio.sleep(ahead)
 
     async def _fill(self, segs: list[Segment], path: str) -> None:
+        try:
+            await self._fill_or_raise(segs, path)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Never leave claimed pages stuck: hand them back to the demand path and make their
+            # waiting vCPUs fault again.
+            log.exception("prefetch_crashed", session=self.s.id)
+            self.s.release_claims(segs)
+
+    async def _fill_or_raise(self, segs: list[Segment], path: str) -> None:
         s = self.s
         fd = s.source.backing_fd()
         delay = 0.01
         while True:
             try:
+                if fd is not None and s.anonymous:
+                    buf = s.new_bounce(sum(n << r.shift for r, _, n in segs))
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._executor(), self._read_segments, fd, segs, buf.view)
+                    off = 0
+                    for r, i, n in segs:
+                        s.install_run(r, i, n, path, buf, off)
+                        off += n << r.shift
+                    return
                 if fd is not None:
                     loop = asyncio.get_running_loop()
                     await loop.run_in_executor(self._executor(), self._copy_segments, fd, segs)
@@ -226,16 +251,14 @@ class Prefetcher:
             run = _InFlight(r, i, n)
             self._inflight.append(run)
             try:
-                buf = bytearray(n << r.shift)
-                await s.source.prefetch(r.file_offset(i), memoryview(buf))
-            except BaseException:
-                for p in range(i, i + n):
-                    if p not in run.stolen and r.state[p] == FILLING:
-                        r.state[p] = EMPTY  # give it back: a later scan or fault fetches it
-                raise
+                buf = s.new_bounce(n << r.shift)
+                with buf.view[: n << r.shift] as dest:
+                    await s.source.prefetch(r.file_offset(i), dest)
+            except PagePoisoned as exc:
+                s.poison_run(r, i, n, exc)
+                continue
             finally:
                 self._inflight.remove(run)
-            mapping = s.second_mapping()
             p = i
             while p < i + n:
                 if p in run.stolen:
@@ -244,9 +267,12 @@ class Prefetcher:
                 q = p
                 while q < i + n and q not in run.stolen:
                     q += 1
-                with mapping.view(r.file_offset(p), (q - p) << r.shift) as dest:
-                    dest[:] = memoryview(buf)[(p - i) << r.shift : (q - i) << r.shift]
-                s.install_run(r, p, q - p, path)
+                if s.anonymous:
+                    s.install_run(r, p, q - p, path, buf, (p - i) << r.shift)
+                else:
+                    with s.second_mapping().view(r.file_offset(p), (q - p) << r.shift) as dest:
+                        dest[:] = buf.view[(p - i) << r.shift : (q - i) << r.shift]
+                    s.install_run(r, p, q - p, path)
                 p = q
 
     def steal(self, r: Region, idx: int) -> bool:
@@ -295,8 +321,24 @@ class Prefetcher:
                     raise SourceError(f"source has {len(src)} bytes, prefetch needs {foff + length}")
                 with memoryview(src)[foff : foff + length] as chunk:
                     done = 0
+                    assert s.memfd is not None
                     while done < length:
                         done += os.pwrite(s.memfd, chunk[done:], foff + done)
+
+    @staticmethod
+    def _read_segments(fd: int, segs: list[Segment], dest: memoryview) -> None:
+        """Worker thread: read runs from the source file into a private buffer (anonymous guests)."""
+        off = 0
+        for r, i, n in segs:
+            foff = r.file_offset(i)
+            length = n << r.shift
+            done = 0
+            while done < length:
+                got = os.preadv(fd, [dest[off + done : off + length]], foff + done)
+                if got <= 0:
+                    raise SourceError(f"source ended at {foff + done} during prefetch")
+                done += got
+            off += length
 
     def _source_map(self, fd: int) -> mmap.mmap:
         if self._src_map is None:

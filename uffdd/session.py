@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import ctypes
+import mmap
 import os
 import time
 from collections.abc import Callable, Coroutine
@@ -24,7 +26,7 @@ import structlog
 
 from uffdd import workingset
 from uffdd.config import SessionConfig
-from uffdd.errors import HandshakeError, SessionError, SourceError
+from uffdd.errors import HandshakeError, PagePoisoned, SessionError, SourceError
 from uffdd.handshake import Handshake, RegionSpec, check_against
 from uffdd.kernel import (
     MAX_BATCH,
@@ -40,7 +42,7 @@ from uffdd.kernel import (
     file_size,
 )
 from uffdd.kernel.uffd import supported_features
-from uffdd.pagestate import EMPTY, FILLED, FILLING, INSTALLING, PageStates
+from uffdd.pagestate import EMPTY, FILLED, FILLING, INSTALLING, REMOVED, UNMAPPED, PageStates
 from uffdd.sources import PageSource
 
 log = structlog.get_logger("uffdd.session")
@@ -55,7 +57,8 @@ DEMAND, FAULT_AROUND, PREFETCH, REPLAY = "demand", "fault_around", "prefetch", "
 class Region:
     """Runtime state of one region; ``state`` is its slice of the session's PageStates."""
 
-    __slots__ = ("base", "end", "index", "npages", "offset", "page_size", "shift", "spec", "start", "state")
+    __slots__ = ("base", "end", "index", "npages", "offset", "page_size", "retired", "shift", "spec", "start",
+                 "state")
 
     def __init__(self, spec: RegionSpec, index: int, state: memoryview, base: int) -> None:
         self.spec = spec
@@ -69,6 +72,8 @@ class Region:
         self.state = state
         self.base = base
         """Index of this region's first page in the session's PageStates."""
+        self.retired = False
+        """Split by a partial mremap; in-flight work is relocated by page index."""
 
     def addr(self, idx: int) -> int:
         return self.start + (idx << self.shift)
@@ -88,6 +93,12 @@ class SessionStats:
     pages_prefetch: int = 0
     pages_replay: int = 0
     blocked_ns: int = 0
+    pages_removed: int = 0
+    """Pages the guest discarded (balloon, MADV_DONTNEED/REMOVE) before or after their fill."""
+    pages_zeroed: int = 0
+    """Faults on discarded pages answered with zeros, never with the source's bytes."""
+    pages_poisoned: int = 0
+    events: int = 0
     complete_s: float = 0.0
     """Seconds from session start until every page was in place (0: not complete)."""
     """Sum over demand faults of read -> installed: the vCPU time uffdd is responsible for."""
@@ -138,6 +149,10 @@ class SessionStats:
             "pages_replay": self.pages_replay,
             "blocked_ms": round(self.blocked_ns / 1e6, 3),
             "complete_s": round(self.complete_s, 4),
+            "pages_removed": self.pages_removed,
+            "pages_zeroed": self.pages_zeroed,
+            "pages_poisoned": self.pages_poisoned,
+            "events": self.events,
             "fault_msgs": self.fault_msgs,
             "minor_faults": self.minor_faults,
             "fills_inline": self.fills_inline,
@@ -157,38 +172,65 @@ class SessionStats:
 
 _SUMMED = ("pages_total", "pages_filled", "pages_demand", "pages_fault_around", "pages_prefetch", "pages_replay",
            "blocked_ns", "fault_msgs", "minor_faults", "fills_inline", "fills_async",
-           "coalesced", "stolen", "already_mapped", "retries", "source_errors", "kernel_errors", "bytes_filled")
+           "pages_removed", "pages_zeroed", "pages_poisoned", "events", "coalesced", "stolen", "already_mapped", "retries", "source_errors", "kernel_errors", "bytes_filled")
 
-WANTED_FEATURES = abi.FEATURE_MINOR_SHMEM | abi.FEATURE_MINOR_HUGETLBFS | abi.FEATURE_THREAD_ID
+EVENTS = abi.FEATURE_EVENT_REMOVE | abi.FEATURE_EVENT_UNMAP | abi.FEATURE_EVENT_REMAP
+WANTED_FEATURES = abi.FEATURE_MINOR_SHMEM | abi.FEATURE_MINOR_HUGETLBFS | abi.FEATURE_THREAD_ID | EVENTS
 REGISTER_MODE = abi.REGISTER_MODE_MISSING | abi.REGISTER_MODE_MINOR
 
 
-def prepare_uffd(uffd: Userfaultfd, hs: Handshake, *, hugetlb: bool) -> bool:
-    """Make ``uffd`` ready for ``hs``: API (unless the VMM did it) and MISSING|MINOR registration.
+def prepare_uffd(uffd: Userfaultfd, hs: Handshake, *, hugetlb: bool, anonymous: bool = False) -> tuple[bool, int]:
+    """Make ``uffd`` ready for ``hs``: API (unless the VMM did it) and registration.
 
-    Returns True if the VMM had already done UFFDIO_API. Registration is repeated either way:
-    it is idempotent for the same uffd, and it guarantees MISSING is registered too (MINOR alone
-    lets never-written pages read as zeros).
+    Shared memory is registered MISSING|MINOR (MINOR alone lets never-written pages read as
+    zeros), anonymous memory MISSING. Registration is repeated even if the VMM did it: it is
+    idempotent for the same uffd. Returns (whether the VMM had done UFFDIO_API, the features on).
     """
-    minor = abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM
     feats = uffd.fdinfo_features()
     preinit = feats is not None
     if feats is None:
-        feats = uffd.api(WANTED_FEATURES & supported_features()).features
-    if not feats & minor:
+        uffd.api(WANTED_FEATURES & supported_features())
+        feats = uffd.fdinfo_features() or 0
+    minor = abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM
+    if not anonymous and not feats & minor:
         raise HandshakeError(
             f"the userfaultfd was initialized without {abi.FEATURE_NAMES[minor]}: do UFFDIO_API with "
             "that feature, or pass a bare userfaultfd and let uffdd do it")
+    mode = abi.REGISTER_MODE_MISSING if anonymous else REGISTER_MODE
+    need = abi.IOCTL_BIT_COPY if anonymous else abi.IOCTL_BIT_CONTINUE
     for i, r in enumerate(hs.regions):
         try:
-            ioctls = uffd.register(r.start, r.size, REGISTER_MODE)
+            ioctls = uffd.register(r.start, r.size, mode)
         except KernelError as exc:
+            what = ("private anonymous (or MAP_HUGETLB) memory" if anonymous
+                    else "a shared mapping of the memory file")
             raise HandshakeError(
-                f"regions[{i}]: cannot register {r.start:#x}+{r.size:#x} as MISSING|MINOR: {exc} "
-                "(the region must be a shared mapping of the memory file in the VMM)") from None
-        if not ioctls & (1 << abi.IOCTL_BIT_CONTINUE):
-            raise HandshakeError(f"regions[{i}]: the kernel does not allow UFFDIO_CONTINUE on it")
-    return preinit
+                f"regions[{i}]: cannot register {r.start:#x}+{r.size:#x} as "
+                f"{'MISSING' if anonymous else 'MISSING|MINOR'}: {exc} (the region must be {what} in the VMM)"
+            ) from None
+        if not ioctls & (1 << need):
+            raise HandshakeError(f"regions[{i}]: the kernel does not allow "
+                                 f"{'UFFDIO_COPY' if anonymous else 'UFFDIO_CONTINUE'} on it")
+    return preinit, feats
+
+
+class _Bounce:
+    """Page-aligned private memory holding bytes to UFFDIO_COPY into an anonymous guest."""
+
+    __slots__ = ("addr", "mm", "view")
+
+    def __init__(self, size: int) -> None:
+        self.mm = mmap.mmap(-1, size)
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
+        self.view = memoryview(self.mm)
+
+    def close(self) -> None:
+        self.view.release()
+        self.mm.close()
+
+
+_ZEROS = bytes(2 << 20)
+_ZERO_VIEW = memoryview(_ZEROS)
 
 
 class Session:
@@ -200,10 +242,11 @@ class Session:
         session_id: str,
         handshake: Handshake,
         uffd: Userfaultfd,
-        memfd: int,
+        memfd: int | None,
         source: PageSource,
         config: SessionConfig | None = None,
         preinitialized: bool = False,
+        features: int = 0,
         states: PageStates | None = None,
         resumed: bool = False,
     ) -> None:
@@ -215,8 +258,11 @@ class Session:
         self.memfd = memfd
         self.source = source
         self.preinitialized = preinitialized
+        self.features = features
         self.resumed = resumed
-        self._mapping: SecondMapping | None = SecondMapping(memfd)
+        self.anonymous = memfd is None
+        """Private anonymous guest memory: pages are installed with UFFDIO_COPY, not CONTINUE."""
+        self._mapping: SecondMapping | None = SecondMapping(memfd) if memfd is not None else None
         total = sum(r.pages for r in handshake.regions)
         self.states = states if states is not None else PageStates(total)
         self.regions: list[Region] = []
@@ -232,6 +278,8 @@ class Session:
         self._rview = memoryview(self._rbuf)
         fa = self.config.fault_around // self.page_size
         self._fa_pages = 1 << (fa.bit_length() - 1) if fa > 1 else 1
+        self._bounce = _Bounce(self._fa_pages * self.page_size) if self.anonymous else None
+        self._zeros: _Bounce | None = None
         self.stats = SessionStats(pages_total=total)
         self.cursor: tuple[Region, int] = (self.regions[0], 0)
         """Where the latest demand fault was: background pre-paging starts near it."""
@@ -239,9 +287,10 @@ class Session:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry_handles: set[asyncio.TimerHandle] = set()
-        self._retrying: set[tuple[int, int]] = set()
+        self._retrying: set[tuple[object, ...]] = set()
         self._closed = False
         self._completing = False
+        self._unregister_retry = 0.0
         self.completed = False
         self.failure: BaseException | None = None
         self.done: asyncio.Event = asyncio.Event()
@@ -260,26 +309,32 @@ class Session:
         Takes ownership of the fds only on success; on failure the caller still owns them.
         """
         if memfd is None:
-            raise HandshakeError("anonymous memory ([uffd] alone) is not supported yet: send [uffd, memfd]")
-        page_size = file_page_size(memfd)
-        check_against(handshake, memfd_size=file_size(memfd), memfd_page_size=page_size, source_size=source.size)
+            check_against(handshake, memfd_size=None, memfd_page_size=None, source_size=source.size)
+            hugetlb = handshake.page_size > 4096
+        else:
+            page_size = file_page_size(memfd)
+            check_against(handshake, memfd_size=file_size(memfd), memfd_page_size=page_size,
+                          source_size=source.size)
+            hugetlb = page_size > 4096
         uffd = Userfaultfd(uffd_fd)
-        preinit = prepare_uffd(uffd, handshake, hugetlb=page_size > 4096)
+        preinit, feats = prepare_uffd(uffd, handshake, hugetlb=hugetlb, anonymous=memfd is None)
         return cls(session_id=session_id, handshake=handshake, uffd=uffd, memfd=memfd, source=source,
-                   config=config, preinitialized=preinit)
+                   config=config, preinitialized=preinit, features=feats)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         """Begin serving faults on the running loop; faults queued before now are served too."""
         loop = self._loop = asyncio.get_running_loop()
         if self.resumed:
-            self.states.recover()
-            self.stats.pages_filled = self.states.count(FILLED)
+            self.states.recover(anonymous=self.anonymous)
+            self.stats.pages_filled = sum(self.states.count(v) for v in (FILLED, REMOVED, UNMAPPED))
         loop.add_reader(self._uffd.fileno(), self._on_readable)
         self._log.info(
             "session_start", regions=len(self.regions), pages=self.stats.pages_total,
             page_size=self.page_size, bytes=self.handshake.total_bytes, source=self.source.describe(),
             preregistered=self.preinitialized, resumed=self.resumed, pages_filled=self.stats.pages_filled,
+            memory="anonymous" if self.anonymous else ("hugetlbfs" if self.hugetlb else "shmem"),
+            events=abi.feature_names(self.features & EVENTS),
             fault_around=self._fa_pages, prefetch=self.config.prefetch.enabled)
         if self.resumed:
             self._resume()
@@ -323,7 +378,8 @@ class Session:
         level("session_end", reason=reason, **s.as_dict(), pages_unfilled=s.pages_total - s.pages_filled,
               completed=self.completed, error=str(self.failure) if self.failure else None)
         self.states.close()
-        os.close(self.memfd)
+        if self.memfd is not None:
+            os.close(self.memfd)
         self.done.set()
 
     async def _stop_work(self) -> None:
@@ -352,6 +408,10 @@ class Session:
                 self._log.warning("second_mapping_busy_at_close")
             self._mapping = None
         self._uffd.close()
+        for b in (self._bounce, self._zeros):
+            if b is not None:
+                b.close()
+        self._bounce = self._zeros = None
         for r in self.regions:
             r.state.release()
 
@@ -374,14 +434,32 @@ class Session:
         self._loop.create_task(self._complete())
 
     async def _complete(self) -> None:
-        """Every page is in place: unregister, report once, release the source."""
+        """Every page is in place: unregister, report once, release the source.
+
+        The reader stays on until the ranges are unregistered and the queue read once more:
+        events queued before that (a balloon's REMOVE) block their VMM thread until read."""
         self.stats.complete_s = time.monotonic() - self.stats.started
-        await self._stop_work()
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+        failed = []
         for r in self.regions:
             try:
                 self._uffd.unregister(r.start, r.end - r.start)
             except KernelError as exc:
-                self._log.warning("unregister_failed", region=r.index, error=str(exc))
+                failed.append((r.index, str(exc)))
+        if failed:
+            # Keep serving: a guest with registered ranges and nobody reading would hang. (Most
+            # often the VMM has just exited and its EOF is on the way.)
+            if not self._unregister_retry:
+                self._log.info("unregister_retry", regions=failed)
+            self._unregister_retry = min(max(self._unregister_retry * 2, 0.05), 1.0)
+            self._completing = False
+            self._on_readable()
+            assert self._loop is not None
+            self._loop.call_later(self._unregister_retry, self._schedule_complete)
+            return
+        self._on_readable()
+        await self._stop_work()
         self.completed = True
         await self._save_record()
         await self._release()
@@ -463,16 +541,20 @@ class Session:
         if state != EMPTY:
             if state == FILLED:
                 # A stale duplicate of a fault already resolved, or a PTE the kernel dropped:
-                # the page cache holds the right bytes, so map it again (EEXIST -> wake).
+                # map it again (EEXIST -> wake).
                 stats.already_mapped += 1
                 self._remap(region, idx)
+            elif state == REMOVED:
+                self._zero_fill(region, idx, flags)
             elif state == INSTALLING and (region.index, idx) not in self._retrying:
                 self._install_run(region, idx, 1, idx, t0, DEMAND)  # left by a dead predecessor
             elif state == FILLING and self._prefetcher is not None and self._prefetcher.steal(region, idx):
                 stats.stolen += 1  # slow background fetch in flight: fetch this page urgently
                 self._fill_demand(region, idx, idx, idx + 1, t0)
+            elif state == UNMAPPED:
+                self._log.warning("fault_on_unmapped_range", address=hex(addr))
             else:
-                stats.coalesced += 1  # the fill in flight will CONTINUE, which wakes this vCPU too
+                stats.coalesced += 1  # the fill in flight will install it, which wakes this vCPU too
             return
         self.cursor = (region, idx)
         if self._record is not None:
@@ -489,7 +571,10 @@ class Session:
         self._fill_demand(region, idx, lo, hi, t0)
 
     def _fill_demand(self, region: Region, idx: int, lo: int, hi: int, t0: int) -> None:
-        """Fill pages [lo, hi) for the demand fault on ``idx``: inline if the source can, else a task."""
+        """Fill pages [lo, hi) for the demand fault on ``idx``: inline if the source can, else a task.
+
+        Shared memory is filled in place through the second mapping; anonymous memory into a
+        private buffer that UFFDIO_COPY then copies into the guest."""
         stats = self.stats
         st = region.state
         n = hi - lo
@@ -497,18 +582,29 @@ class Session:
             st[lo] = FILLING
         else:
             st[lo:hi] = bytes((FILLING,)) * n
-        assert self._mapping is not None
         foff = region.offset + (lo << region.shift)
-        dest = self._mapping.view(foff, n << region.shift)
+        nbytes = n << region.shift
+        bounce = self._bounce
+        if bounce is not None:
+            dest = bounce.view[:nbytes]
+        else:
+            assert self._mapping is not None
+            dest = self._mapping.view(foff, nbytes)
         if self.source.fill_nowait(foff, dest):
             dest.release()
             stats.fills_inline += 1
-            self._install_run(region, lo, n, idx, t0, DEMAND)
+            self._install_run(region, lo, n, idx, t0, DEMAND, bounce)
             return
         stats.fills_async += 1
-        self._spawn(self._fill_async(region, lo, n, idx, dest, t0))
+        buf = None
+        if bounce is not None:  # the shared bounce buffer is for inline fills only
+            dest.release()
+            buf = _Bounce(nbytes)
+            dest = buf.view[:nbytes]
+        self._spawn(self._fill_async(region, lo, n, idx, dest, t0, buf))
 
-    async def _fill_async(self, region: Region, lo: int, n: int, demand_idx: int, dest: memoryview, t0: int) -> None:
+    async def _fill_async(self, region: Region, lo: int, n: int, demand_idx: int, dest: memoryview, t0: int,
+                          buf: _Bounce | None = None) -> None:
         """Fill pages from the source, retrying with backoff; never install a partial page."""
         foff = region.file_offset(lo)
         delay = RETRY_MIN_S
@@ -518,6 +614,10 @@ class Session:
                 try:
                     await self.source.fill(foff, dest)
                     break
+                except PagePoisoned as exc:
+                    dest.release()
+                    self._poison(region, lo, n, exc)
+                    return
                 except (SourceError, OSError, ValueError) as exc:
                     self.stats.source_errors += 1
                     attempt += 1
@@ -529,46 +629,148 @@ class Session:
                 delay = min(delay * 2, RETRY_MAX_S)
         finally:
             dest.release()
-        self._install_run(region, lo, n, demand_idx, t0, DEMAND)
+        self._install_run(region, lo, n, demand_idx, t0, DEMAND, buf)
+
+    def poison_run(self, region: Region, lo: int, n: int, exc: PagePoisoned) -> None:
+        self._poison(region, lo, n, exc)
+
+    def _poison(self, region: Region, lo: int, n: int, exc: PagePoisoned) -> None:
+        """The source says some of these pages are poisoned (a memory error at the source): those
+        get UFFDIO_POISON, so the guest takes a SIGBUS instead of reading garbage; the rest of
+        the run is fetched again page by page."""
+        ps = region.page_size
+        for p in range(lo, lo + n):
+            foff = region.file_offset(p)
+            if not exc.covers(foff, ps):
+                region.state[p] = EMPTY  # refetched when faulted or by pre-paging
+                self._spawn(self._refill_one(region, p))
+                continue
+            try:
+                self._uffd.poison(region.addr(p), ps)
+            except PageExists:
+                self._uffd.wake(region.addr(p), ps)
+            except KernelError as err:
+                self._log.error("poison_failed", address=hex(region.addr(p)), error=str(err))
+                continue
+            self._log.warning("page_poisoned", offset=foff, address=hex(region.addr(p)))
+            self.stats.pages_poisoned += 1
+            self._mark_filled(region, p, 1, -1, PREFETCH)
+
+    async def _refill_one(self, region: Region, p: int) -> None:
+        await asyncio.sleep(0)
+        if region.state[p] == EMPTY:
+            self._fill_demand(region, p, p, p + 1, 0)
 
     def _remap(self, region: Region, idx: int) -> None:
-        """CONTINUE a page that is already FILLED; EEXIST (still mapped) only needs a wake."""
+        """A FILLED page faulted again. Shared memory: CONTINUE maps the page cache again.
+        Anonymous memory: a discarded page reads as zeros, so ZEROPAGE (EEXIST if it is still
+        there: only wake)."""
         addr = region.addr(idx)
+        ps = region.page_size
         try:
-            self._uffd.continue_(addr, region.page_size)
+            if self.anonymous:
+                self._install_zeros(addr, ps)
+            else:
+                self._uffd.continue_(addr, ps)
         except PageExists:
             try:
-                self._uffd.wake(addr, region.page_size)
+                self._uffd.wake(addr, ps)
             except KernelError as exc:
                 self._log.warning("wake_failed", address=hex(addr), error=str(exc))
         except MappingChanging:
             self.stats.retries += 1
-            self._retry_later(region, idx, 1, -1, 0, DEMAND, RETRY_MIN_S, remap=True)
+            self._retry_call(("remap", region.index, idx), lambda: self._remap(region, idx), RETRY_MIN_S)
         except GuestGone as exc:
             self._fail(exc)
         except KernelError as exc:
             self.stats.kernel_errors += 1
             self._log.error("continue_failed", address=hex(addr), error=str(exc))
 
-    def install_run(self, region: Region, lo: int, n: int, path: str) -> None:
-        """Map pages [lo, lo+n) whose bytes are complete in the page cache (used by prefetch)."""
-        self._install_run(region, lo, n, -1, 0, path)
+    def _install_zeros(self, addr: int, length: int) -> None:
+        if self.hugetlb:  # no ZEROPAGE on hugetlbfs
+            zeros = self._zero_bounce(length)
+            self._uffd.copy(addr, zeros.addr, length)
+        else:
+            self._uffd.zeropage(addr, length)
+
+    def _zero_bounce(self, length: int) -> _Bounce:
+        if self._zeros is None or len(self._zeros.view) < length:
+            self._zeros = _Bounce(length)
+        return self._zeros
+
+    def _zero_fill(self, region: Region, idx: int, flags: int) -> None:
+        """A fault on a page the guest discarded: zeros, never the source's bytes. On shared
+        memory a MINOR fault means the page cache kept the page (MADV_DONTNEED only dropped the
+        mapping): map it as it is."""
+        addr = region.addr(idx)
+        ps = region.page_size
+        try:
+            if self.anonymous:
+                self._install_zeros(addr, ps)
+            else:
+                if not flags & abi.PAGEFAULT_FLAG_MINOR:
+                    assert self._mapping is not None
+                    with self._mapping.view(region.file_offset(idx), ps) as dest:
+                        dest[:] = memoryview(_ZEROS)[:ps] if ps <= len(_ZEROS) else bytes(ps)
+                self._uffd.continue_(addr, ps)
+        except PageExists:
+            with contextlib.suppress(KernelError):
+                self._uffd.wake(addr, ps)
+        except MappingChanging:
+            self.stats.retries += 1
+            self._retry_call(("zero", region.index, idx), lambda: self._zero_fill(region, idx, flags), RETRY_MIN_S)
+            return
+        except GuestGone as exc:
+            self._fail(exc)
+            return
+        except KernelError as exc:
+            self.stats.kernel_errors += 1
+            self._log.error("zero_fill_failed", address=hex(addr), error=str(exc))
+            return
+        if region.state[idx] == REMOVED:
+            region.state[idx] = FILLED
+            self.stats.pages_zeroed += 1
+
+    def install_run(self, region: Region, lo: int, n: int, path: str, src: _Bounce | None = None,
+                    src_off: int = 0) -> None:
+        """Install pages [lo, lo+n) whose bytes are complete (used by pre-paging): in the page
+        cache for shared memory, in ``src`` at ``src_off`` for anonymous memory."""
+        self._install_run(region, lo, n, -1, 0, path, src, src_off)
 
     def _install_run(self, region: Region, lo: int, n: int, demand_idx: int, t0: int, path: str,
-                     delay: float = RETRY_MIN_S) -> None:
-        """UFFDIO_CONTINUE pages [lo, lo+n) whose bytes are complete; mark them filled only as
-        the kernel accepts them. Pages some other way already mapped are skipped (EEXIST)."""
+                     src: _Bounce | None = None, src_off: int = 0, delay: float = RETRY_MIN_S) -> None:
+        """CONTINUE (shared) or COPY/ZEROPAGE (anonymous) pages [lo, lo+n) whose bytes are
+        complete; mark them filled only as the kernel accepts them. Pages already mapped some
+        other way are skipped (EEXIST); pages the guest discarded meanwhile get zeros."""
         if self._closed or self._uffd.closed:
+            return
+        if region.retired:
+            for r2, lo2, n2 in self._relocate(region, lo, n):
+                self._install_run(r2, lo2, n2, -1, t0, path, src, src_off + ((lo2 - lo) << region.shift), delay)
             return
         st = region.state
         shift = region.shift
         end = lo + n
+        window = bytes(st[lo:end])
+        if REMOVED in window or UNMAPPED in window:
+            self._install_around_discarded(region, lo, n, window, demand_idx, t0, path, src, src_off)
+            return
         st[lo:end] = bytes((INSTALLING,)) * n
+        anonymous = self.anonymous
         pos = lo
         while pos < end:
             addr = region.start + (pos << shift)
+            length = (end - pos) << shift
             try:
-                self._uffd.continue_(addr, (end - pos) << shift)
+                if anonymous:
+                    assert src is not None
+                    off = src_off + ((pos - lo) << shift)
+                    if not self.hugetlb and length <= len(_ZEROS) and src.view[off : off + length] == _ZERO_VIEW[:length]:
+                        self._uffd.zeropage(addr, length)  # the source says zero: map the zero page
+                    else:
+                        self._uffd.copy(addr, src.addr + off, length)
+                else:
+                    self._uffd.continue_(addr, length)
                 done = end - pos
             except PageExists:
                 with contextlib.suppress(KernelError):
@@ -579,16 +781,18 @@ class Session:
                 done = exc.done >> shift
                 if done == 0:  # an event is unread or the range changes: read the queue, retry later
                     self.stats.retries += 1
-                    self._retry_later(region, pos, end - pos, demand_idx, t0, path, delay)
+                    src2, off2 = self._keep(src, src_off + ((pos - lo) << shift), length)
+                    self._retry_later(region, pos, end - pos, demand_idx, t0, path, delay, src2, off2)
                     return
             except GuestGone as exc:
                 self._fail(exc)
                 return
             except KernelError as exc:
                 self.stats.kernel_errors += 1
-                self._log.error("continue_failed", address=hex(addr), pages=end - pos, error=str(exc),
+                self._log.error("install_failed", address=hex(addr), pages=end - pos, error=str(exc),
                                 retry_in=delay)
-                self._retry_later(region, pos, end - pos, demand_idx, t0, path, delay)
+                src2, off2 = self._keep(src, src_off + ((pos - lo) << shift), length)
+                self._retry_later(region, pos, end - pos, demand_idx, t0, path, delay, src2, off2)
                 return
             self._mark_filled(region, pos, done, demand_idx, path)
             pos += done
@@ -596,6 +800,32 @@ class Session:
             ns = time.perf_counter_ns() - t0
             self.stats.blocked_ns += ns
             self.stats.latency_log2_us[min((ns // 1000).bit_length(), _LAT_BUCKETS - 1)] += 1
+
+    def _install_around_discarded(self, region: Region, lo: int, n: int, window: bytes, demand_idx: int, t0: int,
+                                  path: str, src: _Bounce | None, src_off: int) -> None:
+        """Some pages of a run were discarded (REMOVE/UNMAP) while their bytes were on the way:
+        those get zeros (or nothing, if unmapped), the others are installed as usual."""
+        p = 0
+        while p < n:
+            state = window[p]
+            if state in (REMOVED, UNMAPPED):
+                if state == REMOVED:
+                    self._zero_fill(region, lo + p, 0)
+                p += 1
+                continue
+            q = p
+            while q < n and window[q] not in (REMOVED, UNMAPPED):
+                q += 1
+            self._install_run(region, lo + p, q - p, demand_idx, t0, path, src, src_off + (p << region.shift))
+            p = q
+
+    def _keep(self, src: _Bounce | None, off: int, length: int) -> tuple[_Bounce | None, int]:
+        """Bytes that must survive until a retry: the shared bounce buffer will be reused."""
+        if src is None or src is not self._bounce:
+            return src, off
+        kept = _Bounce(length)
+        kept.view[:length] = src.view[off : off + length]
+        return kept, 0
 
     def _mark_filled(self, region: Region, pos: int, n: int, demand_idx: int, path: str) -> None:
         st = region.state
@@ -618,30 +848,139 @@ class Session:
             self._schedule_complete()
 
     def _retry_later(self, region: Region, lo: int, n: int, demand_idx: int, t0: int, path: str,
-                     delay: float, remap: bool = False) -> None:
+                     delay: float, src: _Bounce | None = None, src_off: int = 0) -> None:
+        self._retry_call(
+            (region.index, lo),
+            lambda: self._install_run(region, lo, n, demand_idx, t0, path, src, src_off, min(delay * 2, RETRY_MAX_S)),
+            delay)
+
+    def _retry_call(self, key: tuple[object, ...], fn: Callable[[], None], delay: float) -> None:
+        """Run ``fn`` after ``delay``, once the pending events have been read (never a busy loop)."""
         assert self._loop is not None
-        key = (region.index, lo)
+        if key in self._retrying:
+            return
         self._retrying.add(key)
 
         def retry() -> None:
             self._retry_handles.discard(handle)
             self._retrying.discard(key)
             self._on_readable()  # apply pending events first
-            if self._closed:
-                return
-            if remap:
-                self._remap(region, lo)
-            else:
-                self._install_run(region, lo, n, demand_idx, t0, path, min(delay * 2, RETRY_MAX_S))
+            if not self._closed:
+                fn()
 
         handle = self._loop.call_later(delay, retry)
         self._retry_handles.add(handle)
 
+    # --- non-cooperative events ------------------------------------------------------------
     def _on_event(self, msg: UffdMsg) -> None:
-        """Non-page-fault events are not requested by the core daemon; log what arrives."""
-        self._log.warning("unexpected_uffd_event", uffd_event=hex(msg.event))
+        """REMOVE / UNMAP / REMAP change the guest's mappings under us; apply them in order.
+        While one is unread every ioctl fails with EAGAIN, so they are read with the faults."""
+        self.stats.events += 1
+        ev = msg.event
+        if ev == abi.EVENT_REMOVE:
+            self._discard(msg.arg0, msg.arg1, REMOVED)
+        elif ev == abi.EVENT_UNMAP:
+            self._discard(msg.arg0, msg.arg1, UNMAPPED)
+        elif ev == abi.EVENT_REMAP:
+            self._move(msg.arg0, msg.arg1, msg.arg2)
+        elif ev == abi.EVENT_FORK:
+            fd = msg.arg0 & 0xFFFFFFFF
+            self._log.warning("fork_not_served", uffd=fd, hint="the child process's copy is not served")
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        else:
+            self._log.warning("unexpected_uffd_event", uffd_event=hex(ev))
+
+    def _discard(self, start: int, end: int, new_state: int) -> None:
+        """Mark [start, end) discarded: the source is never asked for these pages again."""
+        stats = self.stats
+        for r in list(self.regions):
+            lo_addr, hi_addr = max(start, r.start), min(end, r.end)
+            if lo_addr >= hi_addr:
+                continue
+            i0 = (lo_addr - r.start) >> r.shift
+            i1 = (hi_addr - r.start + r.page_size - 1) >> r.shift
+            seg = bytes(r.state[i0:i1])
+            pending = seg.count(EMPTY) + seg.count(FILLING) + seg.count(INSTALLING)
+            stats.pages_filled += pending  # resolved: they no longer need the source
+            if new_state == REMOVED:
+                stats.pages_removed += len(seg) - seg.count(REMOVED) - seg.count(UNMAPPED)
+                # An already discarded-then-zeroed page stays FILLED only if unmapped below.
+                r.state[i0:i1] = bytes(REMOVED if s != UNMAPPED else UNMAPPED for s in seg)
+            else:
+                r.state[i0:i1] = bytes((UNMAPPED,)) * len(seg)
+        if stats.pages_filled >= stats.pages_total:
+            self._schedule_complete()
+
+    def _move(self, frm: int, to: int, length: int) -> None:
+        """mremap moved [frm, frm+length) to ``to``: regions follow (split where needed)."""
+        end = frm + length
+        changed = False
+        for r in list(self.regions):
+            if r.end <= frm or r.start >= end:
+                continue
+            parts = [r]
+            cut_lo = max(frm, r.start) - r.start
+            cut_hi = min(end, r.end) - r.start
+            if cut_lo > 0 or cut_hi < r.end - r.start:
+                parts = self._split(r, [c >> r.shift for c in (cut_lo, cut_hi) if 0 < c < r.end - r.start])
+            for p in parts:
+                if frm <= p.start and p.end <= end:
+                    p.start += to - frm
+                    p.end += to - frm
+            changed = True
+        if changed:
+            self._reindex()
+            self._log.info("regions_moved", frm=hex(frm), to=hex(to), length=length)
+
+    def _split(self, r: Region, cuts: list[int]) -> list[Region]:
+        """Replace ``r`` by pieces cut at the given page indices; ``r`` is retired."""
+        bounds = [0, *sorted(set(cuts)), r.npages]
+        pieces = []
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            spec = RegionSpec(r.start + (a << r.shift), (b - a) << r.shift, r.offset + (a << r.shift), r.page_size)
+            pieces.append(Region(spec, 0, self.states.view[r.base + a : r.base + b], r.base + a))
+        r.retired = True
+        i = self.regions.index(r)
+        self.regions[i : i + 1] = pieces
+        return pieces
+
+    def _reindex(self) -> None:
+        for i, r in enumerate(self.regions):
+            r.index = i
+        self._by_addr = sorted(self.regions, key=lambda r: r.start)
+        self._starts = [r.start for r in self._by_addr]
+        self._last = self._by_addr[0]
+        self.cursor = (self.regions[0], 0)
+
+    def _relocate(self, region: Region, lo: int, n: int) -> list[tuple[Region, int, int]]:
+        """Pages [lo, lo+n) of a retired region, as runs of the live regions holding them."""
+        out = []
+        g0, g1 = region.base + lo, region.base + lo + n
+        for r in self.regions:
+            a, b = max(g0, r.base), min(g1, r.base + r.npages)
+            if a < b:
+                out.append((r, a - r.base, b - a))
+        return out
 
     # --- for the prefetcher ----------------------------------------------------------------
+    def release_claims(self, segs: list[tuple[Region, int, int]]) -> None:
+        """Background work failed: its FILLING pages go back to EMPTY, their waiters are woken
+        (and fault again, now served on demand)."""
+        for r, i, n in segs:
+            if r.retired:
+                continue
+            for p in range(i, i + n):
+                if r.state[p] == FILLING:
+                    r.state[p] = EMPTY
+            with contextlib.suppress(KernelError):
+                self._uffd.wake(r.addr(i), n << r.shift)
+
+    @staticmethod
+    def new_bounce(size: int) -> _Bounce:
+        """A private page-aligned buffer to fetch into (see install_run)."""
+        return _Bounce(size)
+
     def second_mapping(self) -> SecondMapping:
         assert self._mapping is not None, "session released"
         return self._mapping

@@ -100,7 +100,7 @@ class Userfaultfd:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._buf = bytearray(32)
+        self._buf = bytearray(64)  # the largest range-ioctl struct (uffdio_copy) is 40 bytes
         self._rbuf = bytearray(abi.MSG_SIZE * MAX_BATCH)
         fl = fcntl.fcntl(fd, fcntl.F_GETFL)
         if not fl & os.O_NONBLOCK:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Literal
 
 from uffdd import workingset
-from uffdd.errors import SourceError, SourceShortRead, SourceUnavailable
+from uffdd.errors import PagePoisoned, SourceError, SourceShortRead, SourceUnavailable
 from uffdd.sources.base import PageSource, SourceConfig
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
@@ -38,10 +38,12 @@ class FileSource(PageSource):
 
     config_model: ClassVar[type[SourceConfig]] = FileSourceConfig
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, poisoned: list[tuple[int, int]] | None = None) -> None:
         self.path = path
         self._fd = fd
         self._size = os.fstat(fd).st_size
+        self._poison = sorted(poisoned or [])
+        """(offset, length) ranges that hold memory errors, from ``<path>.poison``."""
         self.nowait_hits = 0
         self.cold_reads = 0
 
@@ -53,13 +55,26 @@ class FileSource(PageSource):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise SourceUnavailable(f"cannot open snapshot {path!r}: {exc.strerror}") from None
-        return cls(path, fd)
+        try:
+            poisoned = load_poison_marks(path + ".poison")
+        except ValueError as exc:
+            os.close(fd)
+            raise SourceUnavailable(str(exc)) from None
+        return cls(path, fd, poisoned)
 
     @property
     def size(self) -> int:
         return self._size
 
+    def _poisoned(self, offset: int, length: int) -> PagePoisoned | None:
+        for start, n in self._poison:  # a handful of marks at most
+            if start < offset + length and offset < start + n:
+                return PagePoisoned(start, n)
+        return None
+
     def fill_nowait(self, offset: int, dest: memoryview) -> bool:
+        if self._poison and self._poisoned(offset, len(dest)):
+            return False  # fill() says so
         try:
             n = os.preadv(self._fd, [dest], offset, _RWF_NOWAIT)
         except BlockingIOError:
@@ -88,11 +103,14 @@ class FileSource(PageSource):
             done += n
 
     async def fill(self, offset: int, dest: memoryview) -> None:
+        if self._poison and (mark := self._poisoned(offset, len(dest))):
+            raise mark
         self.cold_reads += 1
         await asyncio.get_running_loop().run_in_executor(_executor(), self._read_full, offset, dest)
 
     def backing_fd(self) -> int | None:
-        return self._fd if self._fd >= 0 else None
+        # Bulk copies bypass fill(); with memory errors marked, everything goes through it.
+        return self._fd if self._fd >= 0 and not self._poison else None
 
     def record_path(self) -> str:
         return workingset.default_path(self.path)
@@ -104,3 +122,25 @@ class FileSource(PageSource):
 
     def describe(self) -> str:
         return f"file:{self.path}"
+
+
+def load_poison_marks(path: str) -> list[tuple[int, int]]:
+    """Read ``<snapshot>.poison``: one ``OFFSET [LENGTH]`` per line (decimal or 0x hex; LENGTH
+    defaults to 4096), ``#`` comments. A missing file means no marks."""
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        return []
+    marks = []
+    for no, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].split()
+        if not text:
+            continue
+        try:
+            off = int(text[0], 0)
+            length = int(text[1], 0) if len(text) > 1 else 4096
+        except ValueError:
+            raise ValueError(f"{path}:{no}: expected 'OFFSET [LENGTH]', got {line!r}") from None
+        marks.append((off, length))
+    return marks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import faulthandler
 import json
 import mmap
 import os
@@ -59,6 +60,27 @@ class VmmSpec:
     """Check only the pages the vCPUs touched (reading the rest would fault them in)."""
     start_delay: float = 0.0
     """Seconds to wait after the daemon's ready line before the vCPUs start."""
+    anonymous: bool = False
+    """Private anonymous guest memory (MAP_HUGETLB for 2 MiB pages), handed over as [uffd] alone:
+    Firecracker's snapshot-restore set-up. Offsets are cumulative into the snapshot."""
+    firecracker: bool = False
+    """Send the body exactly as Firecracker serializes it: a compact JSON list whose regions
+    carry base_host_virt_addr, size, offset, page_size and the deprecated page_size_kib."""
+    preregister_features: int = -1
+    """Features for UFFDIO_API when ``preregister`` (-1: the minimal ones for the memory type)."""
+    dontneed: list[list[int]] = field(default_factory=list)
+    """[first page, pages] ranges discarded with MADV_DONTNEED after the workload and read again
+    (anonymous memory then reads zeros; shared memory keeps its page cache)."""
+    remove_burst: int = 0
+    """A balloon thread discards this many random single pages with MADV_DONTNEED while the vCPUs
+    fault; those pages must read zeros afterwards (anonymous memory only)."""
+    unmap_pages: list[int] = field(default_factory=list)
+    """[first page, pages] of region 0 unmapped with munmap while the vCPUs fault elsewhere."""
+    remap_region: int = -1
+    """Move this region with mremap to a new address before the workload (the daemon follows)."""
+    final_touch: int = -1
+    """After printing the result, touch this page (of all pages) last: a poisoned page kills the
+    process with SIGBUS, which the caller checks."""
     wait_complete: float = 0.0
     """If > 0: after the workload, wait up to this many seconds for the daemon's "complete"
     event; then count pages already present (via /proc/self/pagemap, before touching them)
@@ -80,18 +102,20 @@ def _quantile(sorted_ns: list[int], q: float) -> float:
 def run(spec: VmmSpec) -> dict[str, object]:
     ps = spec.page_size
     hugetlb = ps > mmap.PAGESIZE
-    memfd = os.memfd_create("uffdd-guest", os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0))
+    memfd = -1 if spec.anonymous else os.memfd_create(
+        "uffdd-guest", os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0))
     offsets: list[int] = []
     off = 0
     for size in spec.region_sizes:
         offsets.append(off)
         off += size + spec.region_gap
-    os.ftruncate(memfd, off)
+    if not spec.anonymous:
+        os.ftruncate(memfd, off)
     rng = random.Random(spec.seed)
 
     # Pages already in the page cache, with bytes the guest must never see.
     prepopulated = 0
-    if spec.prepopulate > 0:
+    if spec.prepopulate > 0 and not spec.anonymous:
         garbage = bytes([0xAB]) * ps
         # Through a throwaway mapping: hugetlbfs has no write(2).
         with mmap.mmap(memfd, off, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as whole:
@@ -101,24 +125,37 @@ def run(spec: VmmSpec) -> dict[str, object]:
                         whole[roff + p * ps : roff + (p + 1) * ps] = garbage
                         prepopulated += 1
 
-    maps = [mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=roff)
-            for roff, size in zip(offsets, spec.region_sizes, strict=False)]
+    if spec.anonymous:
+        maps = [mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if hugetlb else 0),
+                          mmap.PROT_READ | mmap.PROT_WRITE) for size in spec.region_sizes]
+    else:
+        maps = [mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=roff)
+                for roff, size in zip(offsets, spec.region_sizes, strict=False)]
     bases = [_addr(m) for m in maps]
 
     uffd = Userfaultfd.open()
     if spec.preregister:
-        uffd.api(abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM)
+        feats = spec.preregister_features
+        if feats < 0:
+            feats = 0 if spec.anonymous else (abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM)
+        uffd.api(feats)
+        mode = abi.REGISTER_MODE_MISSING | (0 if spec.anonymous else abi.REGISTER_MODE_MINOR)
         for base, size in zip(bases, spec.region_sizes, strict=False):
-            uffd.register(base, size, abi.REGISTER_MODE_MISSING | abi.REGISTER_MODE_MINOR)
+            uffd.register(base, size, mode)
 
-    regions = [{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps}
-               for b, s, o in zip(bases, spec.region_sizes, offsets, strict=False)]
-    doc: object = regions if spec.list_form else {"vm_id": spec.vm_id, "source": spec.source, "regions": regions}
-    body = json.dumps(doc).encode()
+    if spec.firecracker:
+        body = json.dumps([{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps, "page_size_kib": ps}
+                           for b, s, o in zip(bases, spec.region_sizes, offsets, strict=True)],
+                          separators=(",", ":")).encode()
+    else:
+        regions = [{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps}
+                   for b, s, o in zip(bases, spec.region_sizes, offsets, strict=False)]
+        doc: object = regions if spec.list_form else {"vm_id": spec.vm_id, "source": spec.source, "regions": regions}
+        body = json.dumps(doc).encode()
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(spec.socket)
-    fds = array.array("i", [uffd.fileno(), memfd, *spec.extra_fds])
+    fds = array.array("i", [uffd.fileno(), *([] if spec.anonymous else [memfd]), *spec.extra_fds])
     pieces = max(1, spec.split_body)
     step = -(-len(body) // pieces)
     chunks = [body[i : i + step] for i in range(0, len(body), step)]
@@ -133,9 +170,16 @@ def run(spec: VmmSpec) -> dict[str, object]:
         return {"ok": False, "error": answer["error"], "stage": "handshake"}
 
     time.sleep(spec.start_delay)
+    if spec.remap_region >= 0:
+        bases[spec.remap_region] = _move(bases[spec.remap_region], spec.region_sizes[spec.remap_region], ps)
     pages = [(bases[i] + p * ps, offsets[i] + p * ps)
              for i, size in enumerate(spec.region_sizes) for p in range(size // ps)]
-    order = list(range(len(pages)))
+    unmapped: set[int] = set()
+    if spec.unmap_pages:
+        first, count = spec.unmap_pages
+        unmapped = set(range(first, first + count))
+    skipped = unmapped | ({spec.final_touch} if spec.final_touch >= 0 else set())
+    order = [i for i in range(len(pages)) if i not in skipped]
     rng.shuffle(order)
     keep = int(len(order) * spec.touch_fraction)
     order = order[: max(keep, 1 if spec.touch_fraction > 0 else 0)]
@@ -158,7 +202,21 @@ def run(spec: VmmSpec) -> dict[str, object]:
             memmove(buf, a, 8)  # the first touch of the page: a fault the daemon resolves
             lat.append(perf() - t0)
 
-    threads = [threading.Thread(target=vcpu, args=(t,), name=f"vcpu{t}") for t in range(spec.threads)]
+    zero_pages: set[int] = set()
+    side: list[threading.Thread] = []
+    if spec.remove_burst:
+        victims = rng.sample([i for i in range(len(pages)) if i not in skipped], spec.remove_burst)
+        zero_pages.update(victims)
+
+        def balloon() -> None:
+            for i in victims:
+                _madvise(pages[i][0], ps, _MADV_DONTNEED)
+
+        side.append(threading.Thread(target=balloon, name="balloon"))
+    if unmapped:
+        first = min(unmapped)
+        side.append(threading.Thread(target=_munmap, args=(pages[first][0], len(unmapped) * ps), name="unmap"))
+    threads = [threading.Thread(target=vcpu, args=(t,), name=f"vcpu{t}") for t in range(spec.threads)] + side
     start = time.perf_counter()
     for th in threads:
         th.start()
@@ -166,35 +224,25 @@ def run(spec: VmmSpec) -> dict[str, object]:
         th.join()
     elapsed = time.perf_counter() - start
 
+    touched = set(order)
+    for first, count in spec.dontneed:
+        _madvise(pages[first][0], count * ps, _MADV_DONTNEED)
+        # Anonymous memory reads zeros again. Shared memory keeps what its page cache holds:
+        # the snapshot's bytes where the guest had the page, zeros (never the source's bytes,
+        # which it never asked for) where it had not.
+        zero_pages.update(i for i in range(first, first + count) if spec.anonymous or i not in touched)
     extra: dict[str, object] = {}
     if spec.wait_complete > 0:
         extra = _await_completion(spec, lines, sock, bases)
     wrong: list[int] = []
     checked = 0
-    if spec.verify and spec.verify_only_touched:
-        with open(spec.snapshot, "rb") as fh:
-            snap = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-            for i in order:
-                a, foff = pages[i]
-                got = ctypes.string_at(a, ps)
-                if got != snap[foff : foff + ps]:
-                    wrong.append(foff // ps)
-            checked = len(order)
-    elif spec.verify:
-        with open(spec.snapshot, "rb") as fh:
-            snap = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-            for m, roff, size in zip(maps, offsets, spec.region_sizes, strict=False):
-                step_v = max(VERIFY_CHUNK, ps)
-                for c in range(0, size, step_v):
-                    n = min(step_v, size - c)
-                    if m[c : c + n] != snap[roff + c : roff + c + n]:
-                        for p in range(c, c + n, ps):
-                            if m[p : p + ps] != snap[roff + p : roff + p + ps]:
-                                wrong.append((roff + p) // ps)
-                checked += size // ps
+    if spec.verify:
+        which = order if spec.verify_only_touched else [i for i in range(len(pages)) if i not in skipped]
+        wrong = _verify(spec.snapshot, pages, sorted(which), zero_pages, ps)
+        checked = len(which)
     all_ns = sorted(x for lat in latencies for x in lat)
     sock.close()
-    return {
+    result = {
         "ok": not wrong,
         "pages": len(pages),
         "touched": len(order),
@@ -209,8 +257,81 @@ def run(spec: VmmSpec) -> dict[str, object]:
         "wrong_pages": len(wrong),
         "wrong_sample": wrong[:16],
         "session": answer.get("session"),
+        "zero_pages": len(zero_pages),
+        **({"final_addr": pages[spec.final_touch][0]} if 0 <= spec.final_touch < len(pages) else {}),
+        "unmapped": len(unmapped),
         **extra,
     }
+    if 0 <= spec.final_touch < len(pages):
+        # Report first: touching a poisoned page ends the process with SIGBUS, as it would a guest.
+        print(json.dumps(result), flush=True)
+        ctypes.string_at(pages[spec.final_touch][0], 8)
+    return result
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_HUGETLB = 0x40000
+_MAP_FIXED_NOREPLACE = 0x100000
+_MADV_DONTNEED = 4
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+
+
+def _madvise(addr: int, length: int, advice: int) -> None:
+    if _libc.madvise(addr, length, advice) != 0:
+        raise OSError(ctypes.get_errno(), f"madvise({addr:#x}, {length}, {advice})")
+
+
+def _munmap(addr: int, length: int) -> None:
+    if _libc.munmap(addr, length) != 0:
+        raise OSError(ctypes.get_errno(), "munmap")
+
+
+def _move(addr: int, length: int, ps: int) -> int:
+    """mremap a region to a fresh address (the daemon learns it from a REMAP event)."""
+    spot = _libc.mmap(None, length + ps, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    target = (spot + ps - 1) // ps * ps
+    new = _libc.mremap(addr, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, target)
+    if new in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mremap")
+    # Python's mmap object still owns the old address and unmaps it at exit: park an inert
+    # mapping there so that nothing else can land in it first.
+    _libc.mmap(addr, length, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0)
+    return int(new)
+
+
+def _verify(snapshot: str, pages: list[tuple[int, int]], which: list[int], zero_pages: set[int], ps: int) -> list[int]:
+    """Compare guest pages with the snapshot (or zeros where the guest discarded them);
+    reads through addresses, which follow a remapped region."""
+    wrong: list[int] = []
+    zero = bytes(ps)
+    with open(snapshot, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as snap:
+        k = 0
+        while k < len(which):
+            # Batch pages that are contiguous in both the guest and the snapshot.
+            j = k + 1
+            while (j < len(which) and j - k < VERIFY_CHUNK // ps and which[j] == which[j - 1] + 1
+                   and pages[which[j]][0] == pages[which[j - 1]][0] + ps
+                   and pages[which[j]][1] == pages[which[j - 1]][1] + ps
+                   and which[j] not in zero_pages and which[k] not in zero_pages):
+                j += 1
+            a, foff = pages[which[k]]
+            n = (j - k) * ps
+            got = ctypes.string_at(a, n)
+            want = zero if which[k] in zero_pages else snap[foff : foff + n]
+            if got != want:
+                for m in range(k, j):
+                    a2, f2 = pages[which[m]]
+                    w2 = zero if which[m] in zero_pages else snap[f2 : f2 + ps]
+                    if ctypes.string_at(a2, ps) != w2:
+                        wrong.append(f2 // ps)
+            k = j
+    return wrong
 
 
 def _pages_present(base: int, size: int, ps: int) -> int:
@@ -258,6 +379,8 @@ def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: lis
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = VmmSpec(**json.loads(args[0]))
+    if spec.final_touch < 0:
+        faulthandler.enable()  # a crash prints where it happened
     # Never hang a test run: SIGALRM's default action ends the process.
     signal.alarm(spec.timeout)
     result = run(spec)
