@@ -230,6 +230,8 @@ class _Bounce:
 
 
 _ZEROS = bytes(2 << 20)
+_TO_REMOVED = bytes(UNMAPPED if s == UNMAPPED else REMOVED for s in range(256))
+"""bytes.translate table: every page state becomes REMOVED, except UNMAPPED."""
 _ZERO_VIEW = memoryview(_ZEROS)
 
 
@@ -546,8 +548,9 @@ class Session:
                 self._remap(region, idx)
             elif state == REMOVED:
                 self._zero_fill(region, idx, flags)
-            elif state == INSTALLING and (region.index, idx) not in self._retrying:
-                self._install_run(region, idx, 1, idx, t0, DEMAND)  # left by a dead predecessor
+            elif state == INSTALLING and not self.anonymous and (region.index, idx) not in self._retrying:
+                # Bytes complete in the page cache (e.g. left by a dead predecessor): map them.
+                self._install_run(region, idx, 1, idx, t0, DEMAND)
             elif state == FILLING and self._prefetcher is not None and self._prefetcher.steal(region, idx):
                 stats.stolen += 1  # slow background fetch in flight: fetch this page urgently
                 self._fill_demand(region, idx, idx, idx + 1, t0)
@@ -905,8 +908,7 @@ class Session:
             stats.pages_filled += pending  # resolved: they no longer need the source
             if new_state == REMOVED:
                 stats.pages_removed += len(seg) - seg.count(REMOVED) - seg.count(UNMAPPED)
-                # An already discarded-then-zeroed page stays FILLED only if unmapped below.
-                r.state[i0:i1] = bytes(REMOVED if s != UNMAPPED else UNMAPPED for s in seg)
+                r.state[i0:i1] = seg.translate(_TO_REMOVED)
             else:
                 r.state[i0:i1] = bytes((UNMAPPED,)) * len(seg)
         if stats.pages_filled >= stats.pages_total:
