@@ -65,7 +65,9 @@ def main() -> int:
         cfg = work / "uffdd.yaml"
         dsock = work / "uffdd.sock"
         cfg.write_text(f"listen: {dsock}\nsources: {{default: {{kind: file, path: {snap}}}}}\n"
-                       "log: {format: json, level: warning}\n")
+                       "log: {format: json, level: warning}\n"
+                       # Same work as the C handler: one page per fault, nothing in the background.
+                       "session: {fault_around: 0, prefetch: {enabled: false}}\n")
         daemon = subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)])
         results: dict[str, list[dict[str, float]]] = {"c": [], "uffdd": []}
         try:
