@@ -43,7 +43,7 @@ def main() -> int:
                                f"log: {{format: json, level: warning}}\n"
                                f"session: {{fault_around: {b}, prefetch: {{enabled: false}}}}\n")
                 daemons[b] = (subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)]), sock)
-            for b, (_, sock) in daemons.items():
+            for _, sock in daemons.values():
                 while not sock.exists():
                     time.sleep(0.01)
             for r in range(args.rounds):

@@ -67,8 +67,7 @@ async def run_session(work: Path, snap: Path, spec_kw: dict[str, Any], session: 
             res = await asyncio.to_thread(vmm.result, 600)
         finally:
             vmm.kill()
-        while listener.sessions:
-            await asyncio.sleep(0.01)
+        await listener.wait_sessions()
         return res, listener.ended_totals.as_dict()
     finally:
         await listener.close()
@@ -96,8 +95,7 @@ async def bench_replay(work: Path, size: int, rounds: int) -> dict[str, Any]:
     snap.read_bytes()
     guest = {"region_sizes": [size], "touch_fraction": 0.1, "seed": 5, "threads": 4, "verify_only_touched": True}
     off = {"fault_around": 0, "prefetch": {"enabled": False}}
-    record = Path(workingset.default_path(snap))
-    record.unlink(missing_ok=True)
+    await asyncio.to_thread(Path(workingset.default_path(snap)).unlink, missing_ok=True)
     await run_session(work, snap, guest, {**off, "record": True, "replay": False})
     without, with_ = [], []
     for _ in range(rounds):

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +64,13 @@ def test_ready_and_stopping_are_sent_to_the_notify_socket(
         ns.bind(path)
         ns.settimeout(15)
         d = daemon_process(extra_env={"NOTIFY_SOCKET": path})
-        first = ns.recv(4096).decode()
-        assert "READY=1" in first.splitlines()
+        msgs = [ns.recv(4096).decode().splitlines()]
+        while "READY=1" not in msgs[-1]:
+            msgs.append(ns.recv(4096).decode().splitlines())
+        assert ["FDSTORE=1", "FDNAME=listen", "FDPOLL=0"] in msgs  # the listening socket, before READY
         d.proc.send_signal(signal.SIGTERM)
-        assert "STOPPING=1" in ns.recv(4096).decode().splitlines()
+        while "STOPPING=1" not in (last := ns.recv(4096).decode().splitlines()):
+            assert "READY=1" not in last
         assert d.proc.wait(10) == 0
 
 
@@ -107,3 +115,85 @@ def test_sigterm_waits_for_a_live_session_and_a_second_one_ends_it(
         assert d.stop(signal.SIGTERM) == 0
     finally:
         vmm.kill()
+
+
+def _uffdd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "uffdd", *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_status_prints_the_live_sessions_from_the_control_socket(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
+    d = daemon_process(session={"fault_around": 0, "prefetch": {"enabled": False}})
+    spec = VmmSpec(socket=d.socket, snapshot=str(snapshot_4k), region_sizes=[4 * MIB], threads=1, vm_id="svc-live",
+                   start_delay=30)
+    vmm = VmmProcess(spec)
+    try:
+        for _ in range(300):
+            if any(e["event"] == "session_start" for e in d.log_lines()):
+                break
+            time.sleep(0.02)
+        out = _uffdd("status", "-c", str(tmp_path / "uffdd.yaml"))
+        assert out.returncode == 0, out.stderr
+        assert "1 live session(s)" in out.stdout
+        assert "svc-live" in out.stdout and "0/1024" in out.stdout
+        doc = json.loads(_uffdd("status", "--socket", str(tmp_path / "d.ctl"), "--json").stdout)
+        assert [(s["vm_id"], s["pages_remaining"], s["kind"]) for s in doc["sessions"]] == [("svc-live", 1024, "file")]
+        assert _uffdd("status", "--socket", str(tmp_path / "d.ctl"), "--quiet").returncode == 0
+    finally:
+        vmm.kill()
+    d.stop(signal.SIGTERM)
+
+
+def test_status_without_a_daemon_exits_1_and_names_the_socket(tmp_path: Path) -> None:
+    out = _uffdd("status", "--socket", str(tmp_path / "none.ctl"))
+    assert out.returncode == 1
+    assert f"no answer from {tmp_path / 'none.ctl'}" in out.stderr
+
+
+def test_metrics_break_pages_down_by_source_and_path_and_count_errors_by_kind(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path) -> None:
+    port = _free_port()
+    d = daemon_process(metrics={"listen": f"127.0.0.1:{port}"}, session={"fault_around": 16384,
+                                                                         "prefetch": {"enabled": False}})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(d.socket)
+        s.sendall(b"[]")
+        s.makefile("rb").readline()
+    _vmm(d, snapshot_4k)
+    text = ""
+    for _ in range(100):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        if "uffdd_pages_filled_total 1024.0" in text:
+            break
+        time.sleep(0.05)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series = {(smp.name, frozenset(smp.labels.items())): smp.value
+              for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+    def get(name: str, **labels: str) -> float:
+        base = {"source": "default", "kind": "file"} if name != "uffdd_errors_total" else {}
+        return series[(name, frozenset({**base, **labels}.items()))]
+
+    demand = get("uffdd_source_pages_total", path="demand")
+    around = get("uffdd_source_pages_total", path="fault_around")
+    assert demand > 0 and around > 0 and demand + around == 1024
+    assert get("uffdd_source_bytes_total", path="demand") == demand * 4096
+    assert get("uffdd_errors_total", kind="handshake") == 1.0
+    assert get("uffdd_fault_service_seconds_count", outcome="installed") == demand
+    assert get("uffdd_fault_outcomes_total", outcome="inline") == demand
+    assert get("uffdd_pages_inflight") == 0
+    d.stop()
+
+
+def test_control_socket_defaults_next_to_listen_and_a_bad_shutdown_mode_names_the_key() -> None:
+    import pytest
+
+    from uffdd.config import parse_config
+    from uffdd.errors import ConfigError
+
+    assert parse_config({"listen": "/run/x/vmm.sock"}).control_path == "/run/x/vmm.ctl"
+    assert parse_config({"control": {"listen": "/tmp/c.sock"}}).control_path == "/tmp/c.sock"
+    with pytest.raises(ConfigError, match=r"shutdown\.on_sigterm"):
+        parse_config({"shutdown": {"on_sigterm": "later"}})

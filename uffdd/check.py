@@ -121,7 +121,8 @@ def run_checks() -> list[Check]:
     for kind in ("shmem", "hugetlbfs", "anon", "anon-hugetlb"):
         checks.append(_try_register(kind))
     for bit, what in ((abi.FEATURE_EVENT_REMOVE, "balloon / MADV_DONTNEED (REMOVE events)"),
-                      (abi.FEATURE_EVENT_UNMAP, "munmap (UNMAP events)"), (abi.FEATURE_EVENT_REMAP, "mremap (REMAP events)"),
+                      (abi.FEATURE_EVENT_UNMAP, "munmap (UNMAP events)"),
+                      (abi.FEATURE_EVENT_REMAP, "mremap (REMAP events)"),
                       (abi.FEATURE_EVENT_FORK, "fork (FORK events, needs CAP_SYS_PTRACE; not served)"),
                       (abi.FEATURE_POISON, "poisoned pages (UFFDIO_POISON)"),
                       (abi.FEATURE_THREAD_ID, "vCPU attribution (THREAD_ID)"),

@@ -1,4 +1,4 @@
-"""Command line: ``uffdd run | validate | check | demo``."""
+"""Command line: ``uffdd run | serve | status | validate | check | demo``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,71 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     logs.configure(config.log.format, config.log.level)
-    return uvloop.run(serve(config))
+    return int(uvloop.run(serve(config, config_path=args.config)))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Print the live sessions from the control socket; exit 1 if the daemon does not answer."""
+    from uffdd.service.control import query
+
+    path = args.socket
+    if path is None:
+        from uffdd.config import load_config
+
+        path = load_config(args.config).control_path if args.config else "/run/uffdd/uffdd.ctl"
+    try:
+        doc = query(path, "status", timeout=args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"uffdd status: no answer from {path}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    if args.quiet:
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"uffdd {doc.get('version')} pid {doc.get('pid')} on {doc.get('listen')}: {doc.get('status')}")
+    table = Table(title=f"{len(doc['sessions'])} live session(s)")
+    for col in ("session", "vm_id", "source", "filled", "remaining", "faults", "p99 us", "blocked ms", "age s",
+                "state"):
+        table.add_column(col, justify="left" if col in ("session", "vm_id", "source", "state") else "right")
+    for s in doc["sessions"]:
+        state = "complete" if s["completed"] else "resumed" if s["resumed"] else "serving"
+        table.add_row(s["session"], s["vm_id"], f"{s['source']} ({s['kind']})",
+                      f"{s['pages_filled']}/{s['pages_total']}", str(s["pages_remaining"]), str(s["faults"]),
+                      f"{s['p99_us_le']:g}", f"{s['blocked_ms']:g}", f"{s['seconds']:.1f}", state)
+    console.print(table)
+    if doc.get("unresumed"):
+        console.print(f"[red]not resumed (waiting in the fd store): {', '.join(doc['unresumed'])}[/]")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from uffdd import logs
+    from uffdd.peer.config import load_serve_config, parse_image_arg
+    from uffdd.peer.serve import run_serve
+
+    images: dict[str, str] = {}
+    for value in args.image or []:
+        try:
+            name, path = parse_image_arg(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        images[name] = path
+    tls = {k: v for k, v in (("cert", args.tls_cert), ("key", args.tls_key), ("client_ca", args.tls_client_ca))
+           if v is not None}
+    config = load_serve_config(args.config, {
+        "listen": args.listen, "images": images or None, "vmm_socket": args.vmm_socket,
+        "secret_file": args.secret_file, "tls": tls or None,
+        "log": {"format": args.log_format, "level": args.log_level} if args.log_format or args.log_level else None,
+        "metrics": {"listen": args.metrics} if args.metrics else None})
+    logs.configure(config.log.format, config.log.level)
+    return int(uvloop.run(run_serve(config)))
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -73,7 +137,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from uffdd.demo import main as demo_main
 
     return demo_main(DemoOptions(size=args.size, page_size=args.page_size, threads=args.threads,
-                                 regions=args.regions, prepopulate=args.prepopulate, workdir=args.workdir))
+                                 regions=args.regions, prepopulate=args.prepopulate, workdir=args.workdir,
+                                 peer=args.peer or args.cut_link, cut_link=args.cut_link,
+                                 cut_seconds=args.cut_seconds, peer_deadline=args.peer_deadline))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("-c", "--config", required=True, help="YAML config file")
     r.set_defaults(func=_cmd_run)
+    s = sub.add_parser("serve", help="serve a memory image to destination daemons (the source side of a migration)")
+    s.add_argument("-c", "--config", help="YAML file with the serve options (flags override it)")
+    s.add_argument("--image", action="append", metavar="[NAME=]PATH",
+                   help="serve this file (snapshot or /dev/shm/...) under NAME (default: 'default'); repeatable")
+    s.add_argument("--listen", metavar="HOST:PORT", help="TCP address (default 127.0.0.1:7447; without a "
+                   "secret only loopback is ever bound)")
+    s.add_argument("--vmm-socket", metavar="PATH", help="Unix socket where a source VMM hands over a live "
+                   "guest's memfd")
+    s.add_argument("--secret-file", metavar="PATH", help="shared secret clients must prove they know")
+    s.add_argument("--tls-cert", metavar="PEM")
+    s.add_argument("--tls-key", metavar="PEM")
+    s.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA")
+    s.add_argument("--metrics", metavar="HOST:PORT", help="Prometheus endpoint")
+    s.add_argument("--log-format", choices=["auto", "console", "json"])
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=_cmd_serve)
+    st = sub.add_parser("status", help="show the running daemon's live sessions (from its control socket)")
+    st_where = st.add_mutually_exclusive_group()
+    st_where.add_argument("-c", "--config", help="find the control socket through this config file")
+    st_where.add_argument("--socket", help="control socket path (default /run/uffdd/uffdd.ctl)")
+    st.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    st.add_argument("-q", "--quiet", action="store_true", help="print nothing: exit 0 if the daemon answers")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    st.set_defaults(func=_cmd_status)
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("-c", "--config", required=True)
     v.set_defaults(func=_cmd_validate)
@@ -97,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prepopulate", type=float, default=0.05,
                    help="fraction of pages already in page cache with stale bytes (default 0.05)")
     d.add_argument("--workdir", default=None, help="where to put the snapshot (default: a temp dir)")
+    d.add_argument("--peer", action="store_true", help="serve the snapshot with `uffdd serve` on loopback and "
+                   "fetch pages over the network (kind: peer)")
+    d.add_argument("--cut-link", action="store_true", help="with --peer: cut the link a third of the way in "
+                   "and show the recovery")
+    d.add_argument("--cut-seconds", type=float, default=1.5, help="how long the link stays cut (default 1.5)")
+    d.add_argument("--peer-deadline", type=float, default=30.0,
+                   help="seconds the source may stay unreachable before the demo fails (default 30)")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -55,6 +55,18 @@ class SessionConfig(_Strict):
     """Prefetch a recorded working set first when a record file exists."""
 
 
+class ControlConfig(_Strict):
+    listen: str | None = None
+    """Unix socket that `uffdd status` reads; unset: next to ``listen``, ending in ``.ctl``."""
+
+
+class ShutdownConfig(_Strict):
+    on_sigterm: Literal["wait", "handover"] = "wait"
+    """wait: stop accepting and wait for the sessions to end (a second signal hands them over
+    to the fd store, or ends them without one); handover: leave them in the service manager's
+    fd store at once and exit, for the next start to resume (needs FileDescriptorStoreMax=)."""
+
+
 class Config(_Strict):
     listen: str = "/run/uffdd/uffdd.sock"
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
@@ -62,6 +74,15 @@ class Config(_Strict):
     metrics: MetricsConfig = MetricsConfig()
     handshake: HandshakeConfig = HandshakeConfig()
     session: SessionConfig = SessionConfig()
+    control: ControlConfig = ControlConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+
+    @property
+    def control_path(self) -> str:
+        """Where the control socket lives (``control.listen``, or derived from ``listen``)."""
+        if self.control.listen:
+            return self.control.listen
+        return str(Path(self.listen).with_suffix(".ctl"))
 
     @field_validator("sources", mode="before")
     @classmethod

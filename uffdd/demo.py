@@ -8,6 +8,7 @@ from several threads in random order and checks every byte against the snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
@@ -21,6 +22,7 @@ from rich.table import Table
 
 from uffdd import logs
 from uffdd.config import parse_config
+from uffdd.peer.demo import PeerDemo
 from uffdd.service.listener import Listener
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot
 
@@ -33,6 +35,11 @@ class DemoOptions:
     regions: int = 2
     prepopulate: float = 0.05
     workdir: str | None = None
+    peer: bool = False
+    """Serve the snapshot with ``uffdd serve`` on loopback and use a ``kind: peer`` source."""
+    cut_link: bool = False
+    cut_seconds: float = 1.5
+    peer_deadline: float = 30.0
 
 
 def _region_sizes(size: int, regions: int, page_size: int) -> list[int]:
@@ -51,8 +58,12 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
     sock = work / "uffdd.sock"
     with console.status(f"writing a {opts.size >> 20} MiB snapshot image to {snap}"):
         await asyncio.to_thread(make_snapshot, snap, opts.size, seed=7, page_size=opts.page_size)
-    config = parse_config({"listen": str(sock),
-                           "sources": {"default": {"kind": "file", "path": str(work / "{vm_id}.mem")}}})
+    peer = PeerDemo(cut_link=opts.cut_link, cut_seconds=opts.cut_seconds, deadline=opts.peer_deadline) \
+        if opts.peer else None
+    if peer is not None:
+        await peer.start(snap, opts.size, console)
+    source = peer.source_config() if peer is not None else {"kind": "file", "path": str(work / "{vm_id}.mem")}
+    config = parse_config({"listen": str(sock), "sources": {"default": source}})
     listener = Listener(config)
     await listener.start()
     spec = VmmSpec(socket=str(sock), snapshot=str(snap), vm_id="demo",
@@ -74,13 +85,24 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
                     done = peak.stats.pages_filled
                     el = max(time.perf_counter() - t0, 1e-6)
                     progress.update(bar, completed=done, rate=f"{done / el:,.0f} pages/s")
+                if peer is not None and peer.watch(list(listener.sessions.values()),
+                                                   peak.stats.pages_filled if peak else 0, pages, progress.console):
+                    break
                 await asyncio.sleep(0.05)
             if peak is not None:
                 progress.update(bar, completed=peak.stats.pages_filled)
+        if peer is not None and peer.failure:
+            vmm.kill()
+            console.print(f"[red]page source unreachable past its deadline, giving up: {peer.failure}[/]")
+            with contextlib.suppress(Exception):
+                await result_task
+            return 1
         result = await result_task
     finally:
         vmm.kill()
         await listener.close()
+        if peer is not None:
+            await peer.close()
     stats = peak.stats if peak is not None else None
     table = Table(title="uffdd demo report", show_header=False)
     if "error" in result:
@@ -98,6 +120,7 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
         ("fault latency p50 / p99", f"{result['p50_us']:.1f} us / {result['p99_us']:.1f} us (seen by the vCPU)"),
         ("throughput", f"{int(result['touched']) / elapsed:,.0f} faults/s, "  # type: ignore[call-overload]
          f"{opts.size / elapsed / (1 << 20):,.0f} MiB/s"),
+        *(peer.rows() if peer is not None else []),
         ("pages checked", f"{result['pages_checked']:,}"),
         ("pages wrong", f"[{'green' if wrong == 0 else 'red'}]{wrong}[/]"),
     ]

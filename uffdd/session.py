@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
+import itertools
 import mmap
 import os
 import time
@@ -173,7 +174,8 @@ class SessionStats:
 
 _SUMMED = ("pages_total", "pages_filled", "pages_demand", "pages_fault_around", "pages_prefetch", "pages_replay",
            "blocked_ns", "fault_msgs", "minor_faults", "fills_inline", "fills_async",
-           "pages_removed", "pages_zeroed", "pages_poisoned", "events", "coalesced", "stolen", "already_mapped", "retries", "source_errors", "kernel_errors", "bytes_filled")
+           "pages_removed", "pages_zeroed", "pages_poisoned", "events", "coalesced", "stolen", "already_mapped",
+           "retries", "source_errors", "kernel_errors", "bytes_filled")
 
 EVENTS = abi.FEATURE_EVENT_REMOVE | abi.FEATURE_EVENT_UNMAP | abi.FEATURE_EVENT_REMAP
 WANTED_FEATURES = abi.FEATURE_MINOR_SHMEM | abi.FEATURE_MINOR_HUGETLBFS | abi.FEATURE_THREAD_ID | EVENTS
@@ -794,7 +796,8 @@ class Session:
                 if anonymous:
                     assert src is not None
                     off = src_off + ((pos - lo) << shift)
-                    if not self.hugetlb and length <= len(_ZEROS) and src.view[off : off + length] == _ZERO_VIEW[:length]:
+                    data = src.view[off : off + length]
+                    if not self.hugetlb and length <= len(_ZEROS) and data == _ZERO_VIEW[:length]:
                         self._uffd.zeropage(addr, length)  # the source says zero: map the zero page
                     else:
                         self._uffd.copy(addr, src.addr + off, length)
@@ -966,7 +969,7 @@ class Session:
         """Replace ``r`` by pieces cut at the given page indices; ``r`` is retired."""
         bounds = [0, *sorted(set(cuts)), r.npages]
         pieces = []
-        for a, b in zip(bounds, bounds[1:], strict=False):
+        for a, b in itertools.pairwise(bounds):
             spec = RegionSpec(r.start + (a << r.shift), (b - a) << r.shift, r.offset + (a << r.shift), r.page_size)
             pieces.append(Region(spec, 0, self.states.view[r.base + a : r.base + b], r.base + a))
         r.retired = True

@@ -1,21 +1,26 @@
 """Prometheus metrics, collected at scrape time from the sessions' own counters.
 
 Nothing is incremented on the fault path for metrics: the collector reads the plain integer
-counters each session already keeps.
+counters each session already keeps, plus :class:`Totals`, where the listener folds in the
+counters of each session as it ends. Labels: ``source`` (the configured source's name, so
+bounded by the config) and ``kind`` (its kind); per-session series only for live sessions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from uffdd.pagestate import FILLING
 from uffdd.session import SessionStats
 
 if TYPE_CHECKING:
     from uffdd.service.listener import Listener
+    from uffdd.session import Session
 
 _COUNTERS = {
     "fault_msgs": ("uffdd_faults", "Page-fault messages read from userfaultfds"),
@@ -28,6 +33,42 @@ _COUNTERS = {
     "kernel_errors": ("uffdd_kernel_errors", "Failed userfaultfd ioctls (each retried)"),
     "retries": ("uffdd_continue_retries", "UFFDIO_CONTINUE retried after EAGAIN"),
 }
+PATHS = {"demand": "pages_demand", "fault_around": "pages_fault_around", "prefetch": "pages_prefetch",
+         "replay": "pages_replay"}
+"""How a page got in: the faulting page itself, its fault-around block, background pre-paging,
+or replay of a recorded working set."""
+OUTCOMES = {"inline": "fills_inline", "waited": "fills_async", "coalesced": "coalesced",
+            "already_mapped": "already_mapped", "stolen": "stolen", "zeroed": "pages_zeroed"}
+"""What became of a fault: served from the page cache at once, after waiting for the source,
+joined a fill in flight, found its page already there, took it over from pre-paging, or
+got zeros for a page the guest had discarded."""
+
+
+@dataclass
+class SourceTotals:
+    stats: SessionStats = field(default_factory=SessionStats)
+    bytes_by_path: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))
+
+
+class Totals:
+    """Counters of sessions that have ended, by (source name, kind)."""
+
+    def __init__(self) -> None:
+        self.by_source: dict[tuple[str, str], SourceTotals] = {}
+
+    def add(self, session: Session, kind: str) -> None:
+        t = self.by_source.setdefault((session.handshake.source, kind), SourceTotals())
+        t.stats.add(session.stats)
+        for path, attr in PATHS.items():
+            t.bytes_by_path[path] += getattr(session.stats, attr) * session.page_size
+
+
+def _inflight(s: Session) -> int:
+    """Pages being fetched right now (FILLING in the page-state file); 0 once released."""
+    try:
+        return s.states.count(FILLING)
+    except (ValueError, BufferError):  # closed by the event loop while we scrape
+        return 0
 
 
 class SessionCollector(Collector):
@@ -39,21 +80,74 @@ class SessionCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         lst = self.listener
         live = list(lst.sessions.values())
-        stats = [s.stats for s in live] + [lst.ended_totals]
+        ended = dict(lst.totals.by_source)
+        stats = [s.stats for s in live] + [t.stats for t in ended.values()]
         for attr, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=sum(getattr(s, attr) for s in stats))
         yield GaugeMetricFamily("uffdd_sessions_active", "Sessions being served", value=len(live))
-        yield CounterMetricFamily("uffdd_sessions", "Sessions started", value=lst.sessions_total)
+        yield CounterMetricFamily("uffdd_sessions", "Sessions started (resumed ones included)",
+                                  value=lst.sessions_total)
+        yield CounterMetricFamily("uffdd_sessions_resumed", "Sessions taken over from a predecessor via the fd store",
+                                  value=lst.sessions_resumed)
         yield CounterMetricFamily("uffdd_handshakes_refused", "Handshakes refused", value=lst.handshakes_refused)
+        yield GaugeMetricFamily("uffdd_sessions_unresumed", "Stored sessions that could not be resumed (guests wait)",
+                                value=len(lst.unresumed))
+
+        # Per source: pages and bytes by path, outcomes, fetches in flight, latency.
+        groups: dict[tuple[str, str], list[Session]] = {}
+        for s in live:
+            groups.setdefault((s.handshake.source, lst.source_kind(s)), []).append(s)
+        keys = sorted(set(groups) | set(ended))
+        pages = CounterMetricFamily("uffdd_source_pages", "Pages installed, by source and path",
+                                    labels=["source", "kind", "path"])
+        nbytes = CounterMetricFamily("uffdd_source_bytes", "Bytes installed, by source and path",
+                                     labels=["source", "kind", "path"])
+        outcomes = CounterMetricFamily("uffdd_fault_outcomes", "Faults by source and outcome",
+                                       labels=["source", "kind", "outcome"])
+        inflight = GaugeMetricFamily("uffdd_pages_inflight", "Pages being fetched from the source right now",
+                                     labels=["source", "kind"])
+        latency = HistogramMetricFamily(
+            "uffdd_fault_service_seconds", "Time from reading a demand fault to installing its page, by source",
+            labels=["source", "kind", "outcome"])
+        for key in keys:
+            ss = groups.get(key, [])
+            tot = ended.get(key)
+            all_stats = [s.stats for s in ss] + ([tot.stats] if tot else [])
+            for path, attr in PATHS.items():
+                pages.add_metric([*key, path], sum(getattr(st, attr) for st in all_stats))
+                b = sum(getattr(s.stats, attr) * s.page_size for s in ss) + (tot.bytes_by_path[path] if tot else 0)
+                nbytes.add_metric([*key, path], b)
+            for outcome, attr in OUTCOMES.items():
+                outcomes.add_metric([*key, outcome], sum(getattr(st, attr, 0) for st in all_stats))
+            inflight.add_metric(list(key), sum(_inflight(s) for s in ss))
+            latency.add_metric([*key, "installed"], _buckets(all_stats), sum_value=_approx_sum(all_stats))
+        yield from (pages, nbytes, outcomes, inflight, latency)
+
         remaining = GaugeMetricFamily(
             "uffdd_session_pages_remaining", "Pages not yet installed", labels=["session", "vm_id"])
+        blocked = CounterMetricFamily(
+            "uffdd_session_blocked_seconds", "vCPU time spent waiting for uffdd (sum over demand faults)",
+            labels=["session", "vm_id"])
         for s in live:
             remaining.add_metric([s.id, s.vm_id], s.pages_remaining)
+            blocked.add_metric([s.id, s.vm_id], s.stats.blocked_ns / 1e9)
         yield remaining
-        yield _latency_histogram(stats)
+        yield blocked
+
+        errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])
+        errors.add_metric(["source"], sum(s.source_errors for s in stats))
+        errors.add_metric(["kernel"], sum(s.kernel_errors for s in stats))
+        errors.add_metric(["continue_retry"], sum(s.retries for s in stats))
+        errors.add_metric(["handshake"], lst.handshakes_refused)
+        errors.add_metric(["resume"], lst.resume_failures)
+        errors.add_metric(["fd_store"], lst.store_failures)
+        yield errors
 
 
-def _latency_histogram(stats: list[SessionStats]) -> HistogramMetricFamily:
+def _buckets(stats: list[SessionStats]) -> list[tuple[str, float]]:
+    """Cumulative buckets (seconds) from the sessions' log2-microsecond histograms."""
+    if not stats:
+        return [("+Inf", 0.0)]
     counts = [sum(col) for col in zip(*(s.latency_log2_us for s in stats), strict=True)]
     buckets: list[tuple[str, float]] = []
     cum = 0
@@ -62,9 +156,12 @@ def _latency_histogram(stats: list[SessionStats]) -> HistogramMetricFamily:
         buckets.append((repr((1 << i) / 1e6), cum))
     cum += counts[-1]
     buckets.append(("+Inf", cum))
-    return HistogramMetricFamily(
-        "uffdd_fault_service_seconds", "Time from reading a fault to installing its page",
-        buckets=buckets, sum_value=None)
+    return buckets
+
+
+def _approx_sum(stats: list[SessionStats]) -> float:
+    """Sum of service times: the blocked time the sessions measured on the same faults."""
+    return sum(s.blocked_ns for s in stats) / 1e9
 
 
 def make_registry(listener: Listener) -> CollectorRegistry:

@@ -1,0 +1,228 @@
+"""Configuration of both ends of a migration link: ``uffdd serve`` and the ``peer`` source.
+
+``uffdd serve`` reads its own YAML file (``-c FILE``; every option also has a flag), validated
+like the daemon's: unknown keys and wrong types are refused with the key and the file named.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from uffdd.config import LogConfig, MetricsConfig, _describe
+from uffdd.errors import ConfigError
+
+DEFAULT_PORT = 7447
+MIN_SECRET = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def split_hostport(value: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` -> (host, port); raise ValueError on nonsense."""
+    v = value.strip()
+    if v.startswith("["):
+        host, sep, rest = v[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{value!r}: missing ']'")
+        port_s = rest.removeprefix(":") if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r}: expected [HOST]:PORT")
+    elif v.count(":") == 1:
+        host, _, port_s = v.partition(":")
+    else:
+        host, port_s = v, ""
+    if not host:
+        raise ValueError(f"{value!r}: missing host")
+    port = default_port
+    if port_s:
+        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+            raise ValueError(f"{value!r}: port must be 0..65535")
+        port = int(port_s)
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_files(**paths: str | None) -> None:
+    """Refuse at load time a file option that names no readable file (the key is named)."""
+    for key, path in paths.items():
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{key}: cannot read {path}")
+
+
+def read_secret(secret: str | None, secret_file: str | None, where: str) -> bytes | None:
+    """The shared secret as bytes (a file's trailing newline is not part of it)."""
+    if secret is not None:
+        return secret.encode()
+    if secret_file is None:
+        return None
+    try:
+        data = Path(secret_file).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{where}.secret_file: cannot read {secret_file}: {exc.strerror}") from None
+    if len(data) < MIN_SECRET:
+        raise ConfigError(f"{where}.secret_file: {secret_file} holds {len(data)} bytes; at least {MIN_SECRET} bytes "
+                          "are needed (e.g. head -c 32 /dev/urandom | base64 > FILE)")
+    return data
+
+
+class _SecretMixin(_Strict):
+    secret: str | None = None
+    """The shared secret itself (prefer secret_file: config files get copied around)."""
+    secret_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Any:
+        if self.secret is not None and self.secret_file is not None:
+            raise ValueError("give secret or secret_file, not both")
+        if self.secret is not None and len(self.secret.encode()) < MIN_SECRET:
+            raise ValueError(f"secret: at least {MIN_SECRET} bytes are needed")
+        check_files(secret_file=self.secret_file)
+        return self
+
+
+class ServerTls(_Strict):
+    cert: str
+    key: str
+    client_ca: str | None = None
+    """When set, clients must present a certificate signed by this CA."""
+
+    @model_validator(mode="after")
+    def _files(self) -> Any:
+        check_files(cert=self.cert, key=self.key, client_ca=self.client_ca)
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+            if self.client_ca:
+                ctx.load_verify_locations(self.client_ca)
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls: cannot load certificates: {exc}") from None
+        return ctx
+
+
+class ClientTls(_Strict):
+    ca: str | None = None
+    """CA that signed the server's certificate; unset: the system's trust store."""
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+    """Name checked against the server's certificate; default: the host of ``address``."""
+
+    @model_validator(mode="after")
+    def _files(self) -> Any:
+        check_files(ca=self.ca, cert=self.cert, key=self.key)
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca)
+            if self.cert:
+                ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls: cannot load certificates: {exc}") from None
+        return ctx
+
+
+class ServeLimits(_Strict):
+    max_blocks: int = Field(default=1024, ge=1, le=16384)
+    """Largest READ, in 4 KiB blocks (default 4 MiB; a 2 MiB huge page is 512)."""
+    max_inflight: int = Field(default=256, ge=1, le=65536)
+    """READs one connection may have outstanding."""
+    max_connections: int = Field(default=256, ge=1, le=65536)
+    handshake_timeout: float = Field(default=5.0, gt=0, le=300)
+    idle_timeout: float = Field(default=60.0, gt=0, le=86400)
+    """A connection silent this long is closed (clients ping every second or so)."""
+
+
+class ServeConfig(_SecretMixin):
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    images: dict[str, str] = Field(default_factory=dict)
+    """Image name -> file (a snapshot, or /dev/shm/...). Clients ask for an image by name."""
+    vmm_socket: str | None = None
+    """Unix socket on which a source VMM hands over a live guest's memfd (SCM_RIGHTS)."""
+    tls: ServerTls | None = None
+    compression: bool = True
+    """Offer lz4 (used per block, only when it pays off)."""
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    limits: ServeLimits = ServeLimits()
+
+    @model_validator(mode="after")
+    def _check(self) -> Any:
+        split_hostport(self.listen)
+        for name in self.images:
+            if not name or len(name.encode()) > 255:
+                raise ValueError(f"images: name {name!r} must be 1-255 bytes")
+        return self
+
+
+def parse_serve_config(data: Any, origin: str = "<serve config>") -> ServeConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+
+
+def load_serve_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Read ``path`` (if any) and apply command-line ``overrides`` on top (flags win)."""
+    data: dict[str, Any] = {}
+    origin = "command line"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = dict(loaded or {})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            base = data.get(key)
+            data[key] = {**(base if isinstance(base, dict) else {}),
+                         **{k: v for k, v in value.items() if v is not None}}
+        else:
+            data[key] = value
+    return parse_serve_config(data, origin)
+
+
+def parse_image_arg(value: str) -> tuple[str, str]:
+    """``--image [NAME=]PATH``; the name defaults to ``default``."""
+    name, sep, path = value.partition("=")
+    if not sep or Path(value).exists():
+        return "default", value
+    if not name or not path:
+        raise ValueError(f"--image {value!r}: expected [NAME=]PATH")
+    return name, path

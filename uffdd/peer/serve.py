@@ -1,0 +1,246 @@
+"""`uffdd serve`: the service shell around :class:`PeerServer` (images, VMM handover, signals, metrics).
+
+A source VMM can hand over its running guest's memory instead of a file: it connects to
+``vmm_socket`` and sends the same JSON region description as the daemon's handshake, with
+``[memfd]`` in SCM_RIGHTS. The image is served under the handshake's vm_id (``default`` for
+Firecracker's list form) for as long as that connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from uffdd import __version__
+from uffdd import handshake as hs_mod
+from uffdd.errors import ConfigError, HandshakeError
+from uffdd.peer.config import ServeConfig, is_loopback, read_secret, split_hostport
+from uffdd.peer.image import Image, ImageError
+from uffdd.peer.server import PeerServer, ServerOptions
+
+log = structlog.get_logger("uffdd.serve")
+
+HANDOVER_MAX_BYTES = 1 << 20
+HANDOVER_TIMEOUT = 5.0
+
+
+class VmmHandover:
+    """Unix socket on which source VMMs hand over live guest memory (memfd) to be served."""
+
+    def __init__(self, path: str, server: PeerServer) -> None:
+        self.path = path
+        self.server = server
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    def _bind(self) -> socket.socket:
+        """Bind the socket, replacing a stale socket file (never another kind of file)."""
+        p = Path(self.path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(p.lstat().st_mode):
+                raise ConfigError(f"vmm_socket: {p} exists and is not a socket; refusing to replace it")
+            p.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(str(p))
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+
+    async def start(self) -> None:
+        self._sock = sock = self._bind()
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(sock)
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        from uffdd.service.listener import _close_fds, receive_handshake
+
+        loop = asyncio.get_running_loop()
+        name: str | None = None
+        fds: list[int] = []
+        try:
+            try:
+                body, fds = await receive_handshake(conn, max_bytes=HANDOVER_MAX_BYTES, timeout=HANDOVER_TIMEOUT)
+                hs = hs_mod.parse(body)
+                if len(fds) != 1:
+                    raise HandshakeError(f"expected 1 file descriptor [memfd] with the regions, got {len(fds)}")
+                try:
+                    image = Image.from_memfd(hs.vm_id, fds[0], [(r.offset, r.size) for r in hs.regions])
+                    self.server.add_image(image)
+                except ImageError as exc:
+                    raise HandshakeError(str(exc)) from None
+                fds = []
+                name = image.name
+            except HandshakeError as exc:
+                log.warning("vmm_handover_refused", error=str(exc))
+                with contextlib.suppress(OSError):
+                    await loop.sock_sendall(conn, (json.dumps({"error": str(exc)}) + "\n").encode())
+                return
+            log.info("serving_live_image", image=name, bytes=sum(r.size for r in hs.regions),
+                     regions=len(hs.regions))
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(conn, (json.dumps(
+                    {"status": "serving", "image": name, "bytes": sum(r.size for r in hs.regions)}) + "\n").encode())
+            while True:
+                try:
+                    data = await loop.sock_recv(conn, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+        finally:
+            _close_fds(fds)
+            if name is not None:
+                log.info("live_image_withdrawn", image=name, reason="the VMM closed its connection")
+                self.server.remove_image(name)
+            conn.close()
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        for t in list(self._conns):
+            t.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+class ServeCollector(Collector):
+    """Prometheus view of a PeerServer's counters, read at scrape time."""
+
+    def __init__(self, server: PeerServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.server.collect()
+        yield GaugeMetricFamily("uffdd_serve_connections_active", "Client connections open",
+                                value=len(self.server.connections))
+        yield GaugeMetricFamily("uffdd_serve_images", "Images being served", value=len(self.server.images))
+        for attr, doc in (("connections_total", "Client connections accepted"),
+                          ("handshakes_ok", "Clients authenticated and welcomed"),
+                          ("auth_failures", "Clients refused for a missing or wrong secret"),
+                          ("reads", "READ requests"), ("read_errors", "READs answered with IO_ERROR"),
+                          ("payload_bytes", "DATA payload bytes sent")):
+            yield CounterMetricFamily(f"uffdd_serve_{attr}", doc, value=getattr(s, attr))
+        blocks = CounterMetricFamily("uffdd_serve_blocks", "Blocks sent, by encoding", labels=["encoding"])
+        for enc in ("raw", "zero", "lz4"):
+            blocks.add_metric([enc], getattr(s, f"blocks_{enc}"))
+        yield blocks
+        errs = CounterMetricFamily("uffdd_serve_protocol_errors", "Connections dropped, by error code",
+                                   labels=["code"])
+        for code, n in sorted(s.protocol_errors.items()):
+            errs.add_metric([code], n)
+        yield errs
+
+
+def server_options(config: ServeConfig) -> ServerOptions:
+    lim = config.limits
+    return ServerOptions(secret=read_secret(config.secret, config.secret_file, "serve"),
+                         compression=config.compression, max_blocks=lim.max_blocks,
+                         max_inflight=lim.max_inflight, max_connections=lim.max_connections,
+                         handshake_timeout=lim.handshake_timeout, idle_timeout=lim.idle_timeout)
+
+
+def bind_host(host: str, secret: bytes | None) -> str:
+    """Without a secret anyone who can connect gets guest memory: only loopback is allowed then."""
+    if secret is None and not is_loopback(host):
+        loop_host = "::1" if ":" in host else "127.0.0.1"
+        log.warning("no_secret_loopback_only", requested=host, listening_on=loop_host,
+                    hint="set secret_file (--secret-file) to serve other hosts")
+        return loop_host
+    return host
+
+
+def load_images(config: ServeConfig) -> dict[str, Image]:
+    images: dict[str, Image] = {}
+    for name, path in config.images.items():
+        try:
+            images[name] = Image.from_file(name, path)
+        except ImageError as exc:
+            for img in images.values():
+                img.close()
+            raise ConfigError(f"images.{name}: {exc}") from None
+    return images
+
+
+async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; clients are told SHUTTING_DOWN (they reconnect to a successor)."""
+    if not config.images and not config.vmm_socket:
+        raise ConfigError("nothing to serve: give --image [NAME=]PATH, or --vmm-socket PATH for live guests")
+    opts = server_options(config)
+    host, port = split_hostport(config.listen)
+    host = bind_host(host, opts.secret)
+    if opts.secret is None:
+        log.warning("no_secret_configured", detail="clients are not authenticated; serving loopback only")
+    images = load_images(config)
+    server = PeerServer(images, opts, ssl_context=config.tls.context() if config.tls else None)
+    try:
+        address = await server.start(host, port)
+    except OSError as exc:
+        await server.close()
+        raise ConfigError(f"listen: cannot listen on {host}:{port}: {exc.strerror}") from None
+    handover = VmmHandover(config.vmm_socket, server) if config.vmm_socket else None
+    if handover is not None:
+        await handover.start()
+    metrics_server = None
+    if config.metrics.listen:
+        from prometheus_client import start_http_server
+
+        registry = CollectorRegistry()
+        registry.register(ServeCollector(server))
+        mhost, mport = split_hostport(config.metrics.listen)
+        metrics_server, _ = start_http_server(mport, addr=mhost, registry=registry)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        log.info("signal", signal=signal.Signals(signum).name, connections=len(server.connections))
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    log.info("serving", address=f"{address[0]}:{address[1]}", version=__version__,
+             images={n: i.description for n, i in images.items()}, vmm_socket=config.vmm_socket,
+             auth="hmac-sha256" if opts.secret else "none", tls=bool(config.tls),
+             client_certs=bool(config.tls and config.tls.client_ca), metrics=config.metrics.listen)
+    if ready is not None:
+        ready(address)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if handover is not None:
+            await handover.close()
+        stats = server.collect()
+        await server.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    log.info("stopped", reads=stats.reads, payload_bytes=stats.payload_bytes,
+             connections=stats.connections_total, protocol_errors=stats.protocol_errors)
+    return 0
