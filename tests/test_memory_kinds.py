@@ -136,3 +136,39 @@ async def test_poisoned_page_raises_sigbus_in_the_guest_and_its_neighbours_are_f
         assert res["returncode"] == -signal.SIGBUS
         await d.wait_idle()
         assert d.listener.ended_totals.pages_poisoned == 1
+
+
+def test_partial_mremap_splits_the_region_and_reports_the_layout_a_successor_needs() -> None:
+    import os
+
+    from uffdd.handshake import Handshake, RegionSpec
+    from uffdd.kernel import Userfaultfd
+    from uffdd.session import Session
+    from uffdd.sources.base import PageSource
+
+    class NoSource(PageSource):
+        @classmethod
+        async def open(cls, config: Any, *, vm_id: str) -> NoSource:
+            return cls()
+
+        @property
+        def size(self) -> None:
+            return None
+
+        async def fill(self, offset: int, dest: memoryview) -> None:
+            raise AssertionError("not fetched")
+
+    memfd = os.memfd_create("uffdd-guest", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, 4 * MIB)
+    base = 0x7F0000000000
+    hs = Handshake("vm", "default", (RegionSpec(base, 4 * MIB, 0, 4096),))
+    with Userfaultfd.open() as uffd:
+        s = Session(session_id="s1", handshake=hs, uffd=uffd, memfd=memfd, source=NoSource())
+        seen: list[Handshake] = []
+        s.on_regions_changed = lambda sess: seen.append(sess.current_handshake())
+        # The middle MiB moves elsewhere: three pieces, in page-state order, the middle one moved.
+        s._move(base + MIB, 0x7F1000000000, MIB)
+        assert seen == [Handshake("vm", "default", (
+            RegionSpec(base, MIB, 0, 4096), RegionSpec(0x7F1000000000, MIB, MIB, 4096),
+            RegionSpec(base + 2 * MIB, 2 * MIB, 2 * MIB, 4096)))]
+        assert s._find(0x7F1000000000 + 4096) is not None and s._find(base + MIB) is None

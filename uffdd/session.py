@@ -301,6 +301,8 @@ class Session:
         self.done: asyncio.Event = asyncio.Event()
         self._log = log.bind(session=session_id, vm_id=self.vm_id)
         self.on_complete: Callable[[Session], None] | None = None
+        self.on_regions_changed: Callable[[Session], None] | None = None
+        """Called after an mremap moved or split regions (see :meth:`current_handshake`)."""
         self._prefetcher: Prefetcher | None = None
 
     # --- construction --------------------------------------------------------------------
@@ -964,6 +966,15 @@ class Session:
         if changed:
             self._reindex()
             self._log.info("regions_moved", frm=hex(frm), to=hex(to), length=length)
+            if self.on_regions_changed is not None:
+                self.on_regions_changed(self)
+
+    def current_handshake(self) -> Handshake:
+        """The regions as they are now (moved, split), in page-state order: a successor built
+        from this handshake and the same PageStates sees every page where it is."""
+        ordered = sorted(self.regions, key=lambda r: r.base)
+        return Handshake(vm_id=self.vm_id, source=self.handshake.source, regions=tuple(
+            RegionSpec(r.start, r.npages << r.shift, r.offset, r.page_size) for r in ordered))
 
     def _split(self, r: Region, cuts: list[int]) -> list[Region]:
         """Replace ``r`` by pieces cut at the given page indices; ``r`` is retired."""

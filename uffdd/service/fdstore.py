@@ -75,7 +75,7 @@ class SessionRecord:
         self.fd = fd
         return fd
 
-    def update(self, **changes: bool) -> None:
+    def update(self, **changes: bool | hs_mod.Handshake) -> None:
         """Rewrite in place: one pwrite of the same length (trailing spaces are valid JSON)."""
         for k, v in changes.items():
             setattr(self, k, v)

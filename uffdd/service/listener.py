@@ -293,6 +293,12 @@ class Listener:
             self._changed()
 
         session.on_complete = completed
+
+        def regions_changed(s: Session) -> None:
+            with contextlib.suppress(OSError):
+                record.update(handshake=s.current_handshake())  # a successor must see the new layout
+
+        session.on_regions_changed = regions_changed
         try:
             if not record.ready_sent:
                 # "ready" goes out before anything else can be sent; faults queue meanwhile.
