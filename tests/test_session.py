@@ -46,6 +46,16 @@ async def test_2m_hugetlbfs_guest_gets_every_snapshot_byte(
     assert res["pages"] == 12
 
 
+async def test_blocked_time_is_attributed_to_each_faulting_vcpu_thread(daemon: Daemon) -> None:
+    res = await daemon.run_vmm(region_sizes=[4 * MIB], threads=4)
+    assert_all_correct(res)
+    await daemon.wait_idle()
+    by_tid = daemon.listener.ended_totals.blocked_ns_by_tid
+    assert set(by_tid) == set(res["vcpu_tids"])  # the thread ids the guest's vCPUs really had
+    assert all(ns > 0 for ns in by_tid.values())
+    assert sum(by_tid.values()) == daemon.listener.ended_totals.blocked_ns
+
+
 async def test_prepopulated_and_never_written_pages_both_get_snapshot_bytes(daemon: Daemon) -> None:
     res = await daemon.run_vmm(region_sizes=[8 * MIB], prepopulate=0.5, seed=3)
     assert_all_correct(res)

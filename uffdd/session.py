@@ -94,6 +94,9 @@ class SessionStats:
     pages_prefetch: int = 0
     pages_replay: int = 0
     blocked_ns: int = 0
+    """Sum over demand faults of read -> installed: the vCPU time uffdd is responsible for."""
+    blocked_ns_by_tid: dict[int, int] = field(default_factory=dict)
+    """The same, per faulting thread (UFFD_FEATURE_THREAD_ID): which vCPUs waited, and how long."""
     pages_removed: int = 0
     """Pages the guest discarded (balloon, MADV_DONTNEED/REMOVE) before or after their fill."""
     pages_zeroed: int = 0
@@ -102,7 +105,6 @@ class SessionStats:
     events: int = 0
     complete_s: float = 0.0
     """Seconds from session start until every page was in place (0: not complete)."""
-    """Sum over demand faults of read -> installed: the vCPU time uffdd is responsible for."""
     fault_msgs: int = 0
     minor_faults: int = 0
     fills_inline: int = 0
@@ -136,6 +138,8 @@ class SessionStats:
     def add(self, other: SessionStats) -> None:
         """Fold another session's counters into these (totals of ended sessions)."""
         self.complete_s = other.complete_s  # the latest session's, for benchmarks
+        for tid, ns in other.blocked_ns_by_tid.items():
+            self.blocked_ns_by_tid[tid] = self.blocked_ns_by_tid.get(tid, 0) + ns
         for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for i, n in enumerate(other.latency_log2_us):
@@ -150,6 +154,8 @@ class SessionStats:
             "pages_prefetch": self.pages_prefetch,
             "pages_replay": self.pages_replay,
             "blocked_ms": round(self.blocked_ns / 1e6, 3),
+            "vcpus_blocked": len(self.blocked_ns_by_tid),
+            "max_vcpu_blocked_ms": round(max(self.blocked_ns_by_tid.values(), default=0) / 1e6, 3),
             "complete_s": round(self.complete_s, 4),
             "pages_removed": self.pages_removed,
             "pages_zeroed": self.pages_zeroed,
@@ -510,7 +516,7 @@ class Session:
                 t0 = time.perf_counter_ns()
                 for event, a0, a1, a2 in unpack(view[:n]):
                     if event == abi.EVENT_PAGEFAULT:
-                        on_fault(a0, a1, t0)
+                        on_fault(a0, a1, a2 & 0xFFFFFFFF, t0)
                     else:
                         self._on_event(UffdMsg(event, a0, a1, a2))
                 if n < size or self._closed:
@@ -533,7 +539,7 @@ class Session:
                 return r
         return None
 
-    def _on_fault(self, flags: int, addr: int, t0: int) -> None:
+    def _on_fault(self, flags: int, addr: int, tid: int, t0: int) -> None:
         stats = self.stats
         stats.fault_msgs += 1
         if flags & abi.PAGEFAULT_FLAG_MINOR:
@@ -558,7 +564,7 @@ class Session:
                 self._install_run(region, idx, 1, idx, t0, DEMAND)
             elif state == FILLING and self._prefetcher is not None and self._prefetcher.steal(region, idx):
                 stats.stolen += 1  # slow background fetch in flight: fetch this page urgently
-                self._fill_demand(region, idx, idx, idx + 1, t0)
+                self._fill_demand(region, idx, idx, idx + 1, t0, tid)
             elif state == UNMAPPED:
                 self._log.warning("fault_on_unmapped_range", address=hex(addr))
             else:
@@ -576,9 +582,9 @@ class Session:
                 lo -= 1
             while hi < b1 and st[hi] == EMPTY:
                 hi += 1
-        self._fill_demand(region, idx, lo, hi, t0)
+        self._fill_demand(region, idx, lo, hi, t0, tid)
 
-    def _fill_demand(self, region: Region, idx: int, lo: int, hi: int, t0: int) -> None:
+    def _fill_demand(self, region: Region, idx: int, lo: int, hi: int, t0: int, tid: int = 0) -> None:
         """Fill pages [lo, hi) for the demand fault on ``idx``: inline if the source can, else a task.
 
         Shared memory is filled in place through the second mapping; anonymous memory into a
@@ -602,9 +608,9 @@ class Session:
             dest.release()
             stats.fills_inline += 1
             if n == 1 and bounce is None:
-                self._install_page(region, lo, t0)
+                self._install_page(region, lo, t0, tid)
             else:
-                self._install_run(region, lo, n, idx, t0, DEMAND, bounce)
+                self._install_run(region, lo, n, idx, t0, DEMAND, bounce, tid=tid)
             return
         stats.fills_async += 1
         buf = None
@@ -612,10 +618,10 @@ class Session:
             dest.release()
             buf = _Bounce(nbytes)
             dest = buf.view[:nbytes]
-        self._spawn(self._fill_async(region, lo, n, idx, dest, t0, buf))
+        self._spawn(self._fill_async(region, lo, n, idx, dest, t0, buf, tid))
 
     async def _fill_async(self, region: Region, lo: int, n: int, demand_idx: int, dest: memoryview, t0: int,
-                          buf: _Bounce | None = None) -> None:
+                          buf: _Bounce | None = None, tid: int = 0) -> None:
         """Fill pages from the source, retrying with backoff; never install a partial page."""
         foff = region.file_offset(lo)
         delay = RETRY_MIN_S
@@ -640,7 +646,7 @@ class Session:
                 delay = min(delay * 2, RETRY_MAX_S)
         finally:
             dest.release()
-        self._install_run(region, lo, n, demand_idx, t0, DEMAND, buf)
+        self._install_run(region, lo, n, demand_idx, t0, DEMAND, buf, tid=tid)
 
     def poison_run(self, region: Region, lo: int, n: int, exc: PagePoisoned) -> None:
         self._poison(region, lo, n, exc)
@@ -748,7 +754,7 @@ class Session:
         cache for shared memory, in ``src`` at ``src_off`` for anonymous memory."""
         self._install_run(region, lo, n, -1, 0, path, src, src_off)
 
-    def _install_page(self, region: Region, idx: int, t0: int) -> None:
+    def _install_page(self, region: Region, idx: int, t0: int, tid: int = 0) -> None:
         """The hot path: CONTINUE one page of shared memory right after its demand fill. Any
         kernel refusal goes to :meth:`_install_run`, which handles every outcome."""
         st = region.state
@@ -756,7 +762,7 @@ class Session:
         try:
             self._uffd.continue_(region.start + (idx << region.shift), region.page_size)
         except KernelError:
-            self._install_run(region, idx, 1, idx, t0, DEMAND)
+            self._install_run(region, idx, 1, idx, t0, DEMAND, tid=tid)
             return
         st[idx] = FILLED
         stats = self.stats
@@ -767,11 +773,14 @@ class Session:
         stats.blocked_ns += ns
         b = (ns >> 10).bit_length()
         stats.latency_log2_us[b if b < _LAT_BUCKETS else _LAT_BUCKETS - 1] += 1
+        if tid:
+            by_tid = stats.blocked_ns_by_tid
+            by_tid[tid] = by_tid.get(tid, 0) + ns
         if stats.pages_filled >= stats.pages_total:
             self._schedule_complete()
 
     def _install_run(self, region: Region, lo: int, n: int, demand_idx: int, t0: int, path: str,
-                     src: _Bounce | None = None, src_off: int = 0, delay: float = RETRY_MIN_S) -> None:
+                     src: _Bounce | None = None, src_off: int = 0, delay: float = RETRY_MIN_S, tid: int = 0) -> None:
         """CONTINUE (shared) or COPY/ZEROPAGE (anonymous) pages [lo, lo+n) whose bytes are
         complete; mark them filled only as the kernel accepts them. Pages already mapped some
         other way are skipped (EEXIST); pages the guest discarded meanwhile get zeros."""
@@ -835,6 +844,9 @@ class Session:
             self.stats.blocked_ns += ns
             b = (ns >> 10).bit_length()
             self.stats.latency_log2_us[b if b < _LAT_BUCKETS else _LAT_BUCKETS - 1] += 1
+            if tid:
+                by_tid = self.stats.blocked_ns_by_tid
+                by_tid[tid] = by_tid.get(tid, 0) + ns
 
     def _install_around_discarded(self, region: Region, lo: int, n: int, window: bytes, demand_idx: int, t0: int,
                                   path: str, src: _Bounce | None, src_off: int) -> None:

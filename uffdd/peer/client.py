@@ -34,7 +34,7 @@ STABLE_S = 1.0
 """A connection that lived this long resets the reconnect backoff."""
 BULK_SLICE = 256 << 10
 """Bytes a bulk connection may take in before it lets the event loop run other callbacks."""
-HOLD_SLICE_S = 0.02
+HOLD_SLICE_S = 0.005
 """While demand faults wait, a bulk connection takes in one slice per this many seconds."""
 
 

@@ -14,6 +14,7 @@ import contextlib
 import os
 import socket
 import ssl
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import cast
@@ -34,6 +35,8 @@ RING_SLOTS = WRITE_HIGH_WATER // CHUNK_BYTES + 4
 its bytes are written; it holds at most WRITE_HIGH_WATER plus one chunk (we stop sending at the
 high-water mark), so a slot reused RING_SLOTS sends later is no longer referenced."""
 SMALL_READ = 16 << p.BLOCK_SHIFT
+URGENT_QUIET_S = 0.002
+"""After an urgent READ, bulk pumps wait this long before their next chunk."""
 CLOSE_GRACE_S = 1.0
 
 
@@ -295,6 +298,8 @@ class ServerConnection(asyncio.Protocol):
                                   f"READ {f.offset:#x}+{length:#x} is outside image {image.name!r} "
                                   f"({image.size:#x} bytes)")
         self.server.stats.reads += 1
+        if self.role is p.Role.URGENT:
+            self.server.last_urgent = time.perf_counter()
         req = _Req(f.id, f.offset, f.count)
         self.inflight.add(f.id)
         if not image.contains(f.offset, length):
@@ -354,10 +359,19 @@ class ServerConnection(asyncio.Protocol):
         """Serve queued READs: small ones first, large ones one chunk at a time in between."""
         image = self.image
         assert image is not None
+        bulk = self.role is p.Role.BULK
         while self.state == _READY and (self.small or self.large):
             if self.paused:
                 await self._resumed.wait()
                 continue
+            if bulk:
+                # Demand faults first, on this host's CPU too: while urgent READs keep coming,
+                # prefetch gets one chunk per URGENT_QUIET_S instead of all the CPU.
+                quiet = self.server.last_urgent + URGENT_QUIET_S - time.perf_counter()
+                if quiet > 0:
+                    await asyncio.sleep(quiet)
+                    if self.state != _READY:
+                        return
             large = not self.small
             if large:
                 req = self.large[0]
@@ -411,6 +425,8 @@ class PeerServer:
         self.ssl_context = ssl_context
         self.stats = ServerStats()
         self.connections: set[ServerConnection] = set()
+        self.last_urgent = 0.0
+        """perf_counter() of the last urgent READ: bulk work steps aside for a moment after one."""
         self._server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] = ("", 0)
 

@@ -128,11 +128,17 @@ class SessionCollector(Collector):
         blocked = CounterMetricFamily(
             "uffdd_session_blocked_seconds", "vCPU time spent waiting for uffdd (sum over demand faults)",
             labels=["session", "vm_id"])
+        vcpu = CounterMetricFamily(
+            "uffdd_vcpu_blocked_seconds", "Time each faulting thread (vCPU) waited for uffdd, like QEMU's "
+            "postcopy blocktime", labels=["session", "vm_id", "tid"])
         for s in live:
             remaining.add_metric([s.id, s.vm_id], s.pages_remaining)
             blocked.add_metric([s.id, s.vm_id], s.stats.blocked_ns / 1e9)
+            for tid, ns in list(s.stats.blocked_ns_by_tid.items()):
+                vcpu.add_metric([s.id, s.vm_id, str(tid)], ns / 1e9)
         yield remaining
         yield blocked
+        yield vcpu
 
         errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])
         errors.add_metric(["source"], sum(s.source_errors for s in stats))

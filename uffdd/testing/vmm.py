@@ -189,7 +189,10 @@ def run(spec: VmmSpec) -> dict[str, object]:
     memmove = ctypes.memmove
     perf = time.perf_counter_ns
 
+    tids: list[int] = []
+
     def vcpu(t: int) -> None:
+        tids.append(threading.get_native_id())
         lat, buf = latencies[t], scratch[t]
         for n, i in enumerate(shares[t]):
             if t == 0 and n == spec.disconnect_after:
@@ -258,6 +261,7 @@ def run(spec: VmmSpec) -> dict[str, object]:
         "wrong_sample": wrong[:16],
         "session": answer.get("session"),
         "zero_pages": len(zero_pages),
+        "vcpu_tids": tids,
         **({"final_addr": pages[spec.final_touch][0]} if 0 <= spec.final_touch < len(pages) else {}),
         "unmapped": len(unmapped),
         **extra,
