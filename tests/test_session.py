@@ -281,3 +281,18 @@ async def test_snapshot_truncated_mid_run_makes_faults_wait_not_read_zeros(
             fh.write(data[2 * MIB :])
         res = await asyncio.to_thread(vmm.result, 60)
         assert_all_correct(res)
+
+
+async def test_snapshot_on_tmpfs_is_served_inline_without_a_thread_hop(tmp_path: Path, snapshot_4k: Path) -> None:
+    """tmpfs refuses RWF_NOWAIT; its reads never wait for a disk, so they stay on the fast path."""
+    shm = Path("/dev/shm") / f"uffdd-test-{os.getpid()}.mem"
+    shm.write_bytes(snapshot_4k.read_bytes()[: 4 * MIB])
+    try:
+        async with running_daemon(make_config(tmp_path, shm), shm) as d:
+            res = await d.run_vmm(region_sizes=[4 * MIB])
+            assert_all_correct(res)
+            await d.wait_idle()
+            assert d.listener.ended_totals.fills_inline == 1024
+            assert d.listener.ended_totals.fills_async == 0
+    finally:
+        shm.unlink()

@@ -104,11 +104,12 @@ class Config(_Strict):
             try:
                 out[name] = model.model_validate(spec)
             except ValidationError as exc:
-                raise ValueError(_describe(exc, prefix=f"sources.{name}")) from None
+                raise ValueError(describe_validation_error(exc, prefix=f"sources.{name}")) from None
         return out
 
 
-def _describe(exc: ValidationError, prefix: str = "") -> str:
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line per pydantic error, each naming the dotted key (prefixed) and what is wrong."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -134,7 +135,7 @@ def parse_config(data: Any, origin: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
 
 
 def load_config(path: str | Path) -> Config:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from uffdd.config import LogConfig, MetricsConfig, _describe
+from uffdd.config import LogConfig, MetricsConfig, describe_validation_error
 from uffdd.errors import ConfigError
 
 DEFAULT_PORT = 7447
@@ -187,7 +187,7 @@ def parse_serve_config(data: Any, origin: str = "<serve config>") -> ServeConfig
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
 
 
 def load_serve_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ServeConfig:

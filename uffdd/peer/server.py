@@ -4,7 +4,8 @@ One :class:`PeerServer` per ``uffdd serve``. Each connection is its own small st
 (HELLO -> CHALLENGE -> AUTH -> WELCOME -> READs); anything a client does wrong costs it its
 own connection and nothing else. Urgent connections (demand faults) are answered inline when
 the bytes are at hand; bulk connections go through a per-connection pump that sends at most
-one chunk before yielding, so a demand fault never waits behind a prefetch on this host either.
+one chunk before yielding, and that slows to one chunk per URGENT_QUIET_S right after an urgent
+READ, so a demand fault never waits behind a prefetch for this host's CPU either.
 """
 
 from __future__ import annotations

@@ -139,6 +139,7 @@ class SessionCollector(Collector):
         yield remaining
         yield blocked
         yield vcpu
+        yield from _peer_metrics(live)
 
         errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])
         errors.add_metric(["source"], sum(s.source_errors for s in stats))
@@ -174,3 +175,29 @@ def make_registry(listener: Listener) -> CollectorRegistry:
     registry = CollectorRegistry()
     registry.register(SessionCollector(listener))
     return registry
+
+
+_PEER_COUNTERS = {
+    "reconnects": "Reconnections to the source host after a broken link",
+    "requests_resent": "Page requests sent again after a reconnect",
+    "checksum_failures": "Pages whose checksum failed (fetched again, never installed)",
+    "protocol_errors": "Malformed frames from the source host (connection dropped)",
+    "link_losses": "Links to the source host lost",
+}
+
+
+def _peer_metrics(live: list[Session]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Counters of sessions served from a peer (``uffdd serve``): recovery at a glance."""
+    families = {k: CounterMetricFamily(f"uffdd_peer_{k}", doc, labels=["session", "vm_id"])
+                for k, doc in _PEER_COUNTERS.items()}
+    unreachable = GaugeMetricFamily("uffdd_peer_unreachable", "1 while the source host has been unreachable "
+                                    "past its deadline", labels=["session", "vm_id"])
+    for sess in live:
+        stats = getattr(sess.source, "stats", None)
+        if stats is None or not hasattr(stats, "reconnects"):
+            continue
+        for k, fam in families.items():
+            fam.add_metric([sess.id, sess.vm_id], float(getattr(stats, k, 0)))
+        unreachable.add_metric([sess.id, sess.vm_id], 1.0 if getattr(sess.source, "unreachable", None) else 0.0)
+    yield from families.values()
+    yield unreachable

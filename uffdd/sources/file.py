@@ -7,6 +7,7 @@ served inline on the event loop; a cold read goes to a small thread pool.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Literal
@@ -16,6 +17,7 @@ from uffdd.errors import PagePoisoned, SourceError, SourceShortRead, SourceUnava
 from uffdd.sources.base import PageSource, SourceConfig
 
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
+_MEMORY_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -42,6 +44,8 @@ class FileSource(PageSource):
         self.path = path
         self._fd = fd
         self._size = os.fstat(fd).st_size
+        self._nowait: int | None = _RWF_NOWAIT
+        """preadv flags for inline reads; None: this file system cannot say "would block"."""
         self._poison = sorted(poisoned or [])
         """(offset, length) ranges that hold memory errors, from ``<path>.poison``."""
         self.nowait_hits = 0
@@ -75,11 +79,18 @@ class FileSource(PageSource):
     def fill_nowait(self, offset: int, dest: memoryview) -> bool:
         if self._poison and self._poisoned(offset, len(dest)):
             return False  # fill() says so
+        if self._nowait is None:
+            return False
         try:
-            n = os.preadv(self._fd, [dest], offset, _RWF_NOWAIT)
+            n = os.preadv(self._fd, [dest], offset, self._nowait)
         except BlockingIOError:
             return False
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP and self._nowait:
+                # tmpfs (/dev/shm) refuses RWF_NOWAIT, but its reads never wait for a disk: read
+                # inline without the flag. Anywhere else, stop asking and use the thread pool.
+                self._nowait = 0 if _fs_type(self._fd) in _MEMORY_FS else None
+                return self.fill_nowait(offset, dest)
             return False  # let fill() raise the real error with context
         if n == len(dest):
             self.nowait_hits += 1
@@ -144,3 +155,18 @@ def load_poison_marks(path: str) -> list[tuple[int, int]]:
             raise ValueError(f"{path}:{no}: expected 'OFFSET [LENGTH]', got {line!r}") from None
         marks.append((off, length))
     return marks
+
+
+def _fs_type(fd: int) -> str:
+    """File-system type of an open file, from /proc/self/mountinfo ("" if unknown)."""
+    st = os.fstat(fd)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == dev and " - " in line:
+                    return line.split(" - ", 1)[1].split()[0]
+    except OSError:
+        pass
+    return ""
