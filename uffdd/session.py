@@ -290,6 +290,11 @@ class Session:
         fa = self.config.fault_around // self.page_size
         self._fa_pages = 1 << (fa.bit_length() - 1) if fa > 1 else 1
         self._bounce = _Bounce(self._fa_pages * self.page_size) if self.anonymous else None
+        self._fast = self._mapping is not None and self._fa_pages == 1
+        """Single-page shared-memory faults take the flat path in _on_fault."""
+        self._mview = self._mapping.whole() if self._mapping is not None else memoryview(b"")
+        self._fill_nowait = source.fill_nowait
+        self._continue = uffd.continue_
         self._zeros: _Bounce | None = None
         self.stats = SessionStats(pages_total=total)
         self.cursor: tuple[Region, int] = (self.regions[0], 0)
@@ -414,6 +419,7 @@ class Session:
         await self.source.aclose()
         if self._prefetcher is not None:
             self._prefetcher.close()
+        self._mview.release()
         if self._mapping is not None:
             try:
                 self._mapping.close()
@@ -508,14 +514,16 @@ class Session:
         buf, view, size = self._rbuf, self._rview, len(self._rbuf)
         unpack = abi.MSG_STRUCT.iter_unpack
         on_fault = self._on_fault
+        read_into = self._uffd.read_into
+        pagefault = abi.EVENT_PAGEFAULT
         try:
             while True:
-                n = self._uffd.read_into(buf)
+                n = read_into(buf)
                 if not n:
                     return
                 t0 = time.perf_counter_ns()
                 for event, a0, a1, a2 in unpack(view[:n]):
-                    if event == abi.EVENT_PAGEFAULT:
+                    if event == pagefault:
                         on_fault(a0, a1, a2 & 0xFFFFFFFF, t0)
                     else:
                         self._on_event(UffdMsg(event, a0, a1, a2))
@@ -544,10 +552,13 @@ class Session:
         stats.fault_msgs += 1
         if flags & abi.PAGEFAULT_FLAG_MINOR:
             stats.minor_faults += 1
-        region = self._find(addr)
-        if region is None:
-            self._log.error("fault_outside_regions", address=hex(addr))
-            return
+        region = self._last
+        if not region.start <= addr < region.end:
+            found = self._find(addr)
+            if found is None:
+                self._log.error("fault_outside_regions", address=hex(addr))
+                return
+            region = found
         idx = (addr - region.start) >> region.shift
         st = region.state
         state = st[idx]
@@ -573,6 +584,39 @@ class Session:
         self.cursor = (region, idx)
         if self._record is not None:
             self._record.append((region.offset >> region.shift) + idx)
+        if self._fast:
+            # The common case, kept flat: one page of shared memory, filled through the second
+            # mapping and mapped into the guest, inline.
+            st[idx] = FILLING
+            foff = region.offset + (idx << region.shift)
+            ps = region.page_size
+            dest = self._mview[foff : foff + ps]
+            if self._fill_nowait(foff, dest):
+                dest.release()
+                stats.fills_inline += 1
+                st[idx] = INSTALLING
+                try:
+                    self._continue(addr - (addr & (ps - 1)), ps)
+                except KernelError:
+                    self._install_run(region, idx, 1, idx, t0, DEMAND, tid=tid)
+                    return
+                st[idx] = FILLED
+                stats.pages_filled += 1
+                stats.pages_demand += 1
+                stats.bytes_filled += ps
+                ns = time.perf_counter_ns() - t0
+                stats.blocked_ns += ns
+                b = (ns >> 10).bit_length()
+                stats.latency_log2_us[b if b < _LAT_BUCKETS else _LAT_BUCKETS - 1] += 1
+                if tid:
+                    by_tid = stats.blocked_ns_by_tid
+                    by_tid[tid] = by_tid.get(tid, 0) + ns
+                if stats.pages_filled >= stats.pages_total:
+                    self._schedule_complete()
+                return
+            stats.fills_async += 1
+            self._spawn(self._fill_async(region, idx, 1, idx, dest, t0, None, tid))
+            return
         lo, hi = idx, idx + 1
         fa = self._fa_pages
         if fa > 1:

@@ -45,6 +45,11 @@ class SecondMapping:
         assert self._view is not None, "mapping closed"
         return self._view[offset : offset + length]
 
+    def whole(self) -> memoryview:
+        """A view of the whole mapping, for slicing on the fault path; release it before close."""
+        assert self._view is not None, "mapping closed"
+        return self._view[:]
+
     def populate(self, offset: int, length: int) -> None:
         """Allocate the pages of a range in one call (MADV_POPULATE_WRITE), not one fault each."""
         self._mm.madvise(MADV_POPULATE_WRITE, offset, length)

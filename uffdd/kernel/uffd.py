@@ -24,6 +24,13 @@ from uffdd.kernel.errors import (
     classify,
 )
 
+# Bound once: the fault path calls these per fault, and module attribute lookups add up.
+_pack_continue = abi.CONTINUE_STRUCT.pack_into
+_ioctl = fcntl.ioctl
+_UFFDIO_CONTINUE = abi.UFFDIO_CONTINUE
+_CONTINUE_DONTWAKE = abi.CONTINUE_MODE_DONTWAKE
+_readv = os.readv
+
 MAX_BATCH = 64
 """Messages read per read(2): one system call drains a burst of faults from many vCPUs."""
 
@@ -202,9 +209,9 @@ class Userfaultfd:
     def continue_(self, start: int, length: int, dontwake: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages of the range; returns bytes mapped."""
         buf = self._buf
-        abi.CONTINUE_STRUCT.pack_into(buf, 0, start, length, abi.CONTINUE_MODE_DONTWAKE if dontwake else 0, 0)
+        _pack_continue(buf, 0, start, length, _CONTINUE_DONTWAKE if dontwake else 0, 0)
         try:
-            fcntl.ioctl(self._fd, abi.UFFDIO_CONTINUE, buf, True)
+            _ioctl(self._fd, _UFFDIO_CONTINUE, buf, True)
         except OSError as exc:
             done = abi.CONTINUE_STRUCT.unpack_from(buf)[3]
             raise classify("UFFDIO_CONTINUE", exc.errno or errno.EIO, max(done, 0)) from None
@@ -251,7 +258,7 @@ class Userfaultfd:
     def read_into(self, buf: bytearray) -> int:
         """One read(2) of whole messages into ``buf``; 0 when none are queued. The fast path."""
         try:
-            return os.readv(self._fd, [buf])
+            return _readv(self._fd, [buf])
         except BlockingIOError:
             return 0
         except OSError as exc:
