@@ -115,11 +115,19 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
          + (" (hugetlbfs)" if opts.page_size > 4096 else " (shmem memfd)")),
         ("vCPU threads", str(opts.threads)),
         ("pages", f"{result['pages']:,} ({result['prepopulated']:,} pre-populated with stale bytes)"),
-        ("faults served", f"{stats.fault_msgs:,}" if stats else "?"),
-        ("  filled inline / async", f"{stats.fills_inline:,} / {stats.fills_async:,}" if stats else "?"),
-        ("fault latency p50 / p99", f"{result['p50_us']:.1f} us / {result['p99_us']:.1f} us (seen by the vCPU)"),
-        ("throughput", f"{int(result['touched']) / elapsed:,.0f} faults/s, "  # type: ignore[call-overload]
-         f"{opts.size / elapsed / (1 << 20):,.0f} MiB/s"),
+        ("faults served", f"{stats.fault_msgs:,} ({stats.fills_inline:,} filled inline, {stats.fills_async:,} "
+         "after waiting for the source)" if stats else "?"),
+        ("pages by path", f"demand {stats.pages_demand:,}, fault-around {stats.pages_fault_around:,}, "
+         f"pre-paging {stats.pages_prefetch:,}" if stats else "?"),
+        ("fault service p50 / p99",
+         f"<= {stats.latency_quantile(0.5):.0f} us / <= {stats.latency_quantile(0.99):.0f} us"
+         " (fault read -> page mapped)" if stats else "?"),
+        ("vCPU touch p50 / p99", f"{result['p50_us']:.1f} us / {result['p99_us']:.1f} us (every first touch, "
+         "faulting or not)"),
+        ("guest work time", f"{elapsed * 1e3:,.0f} ms for {int(result['touched']):,} first touches "  # type: ignore[call-overload]
+         f"({opts.size / elapsed / (1 << 20):,.0f} MiB/s)"),
+        ("install complete", f"{stats.complete_s * 1e3:,.0f} ms after the handshake" if stats and stats.complete_s
+         else "not yet"),
         *(peer.rows() if peer is not None else []),
         ("pages checked", f"{result['pages_checked']:,}"),
         ("pages wrong", f"[{'green' if wrong == 0 else 'red'}]{wrong}[/]"),
