@@ -651,10 +651,7 @@ class Session:
         if self.source.fill_nowait(foff, dest):
             dest.release()
             stats.fills_inline += 1
-            if n == 1 and bounce is None:
-                self._install_page(region, lo, t0, tid)
-            else:
-                self._install_run(region, lo, n, idx, t0, DEMAND, bounce, tid=tid)
+            self._install_run(region, lo, n, idx, t0, DEMAND, bounce, tid=tid)
             return
         stats.fills_async += 1
         buf = None
@@ -797,31 +794,6 @@ class Session:
         """Install pages [lo, lo+n) whose bytes are complete (used by pre-paging): in the page
         cache for shared memory, in ``src`` at ``src_off`` for anonymous memory."""
         self._install_run(region, lo, n, -1, 0, path, src, src_off)
-
-    def _install_page(self, region: Region, idx: int, t0: int, tid: int = 0) -> None:
-        """The hot path: CONTINUE one page of shared memory right after its demand fill. Any
-        kernel refusal goes to :meth:`_install_run`, which handles every outcome."""
-        st = region.state
-        st[idx] = INSTALLING
-        try:
-            self._uffd.continue_(region.start + (idx << region.shift), region.page_size)
-        except KernelError:
-            self._install_run(region, idx, 1, idx, t0, DEMAND, tid=tid)
-            return
-        st[idx] = FILLED
-        stats = self.stats
-        stats.pages_filled += 1
-        stats.pages_demand += 1
-        stats.bytes_filled += region.page_size
-        ns = time.perf_counter_ns() - t0
-        stats.blocked_ns += ns
-        b = (ns >> 10).bit_length()
-        stats.latency_log2_us[b if b < _LAT_BUCKETS else _LAT_BUCKETS - 1] += 1
-        if tid:
-            by_tid = stats.blocked_ns_by_tid
-            by_tid[tid] = by_tid.get(tid, 0) + ns
-        if stats.pages_filled >= stats.pages_total:
-            self._schedule_complete()
 
     def _install_run(self, region: Region, lo: int, n: int, demand_idx: int, t0: int, path: str,
                      src: _Bounce | None = None, src_off: int = 0, delay: float = RETRY_MIN_S, tid: int = 0) -> None:

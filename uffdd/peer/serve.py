@@ -14,9 +14,7 @@ import json
 import os
 import signal
 import socket
-import stat
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,6 +26,7 @@ from uffdd.errors import ConfigError, HandshakeError
 from uffdd.peer.config import ServeConfig, is_loopback, read_secret, split_hostport
 from uffdd.peer.image import Image, ImageError
 from uffdd.peer.server import PeerServer, ServerOptions
+from uffdd.unixsock import bind_unix
 
 log = structlog.get_logger("uffdd.serve")
 
@@ -47,15 +46,7 @@ class VmmHandover:
 
     def _bind(self) -> socket.socket:
         """Bind the socket, replacing a stale socket file (never another kind of file)."""
-        p = Path(self.path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(p.lstat().st_mode):
-                raise ConfigError(f"vmm_socket: {p} exists and is not a socket; refusing to replace it")
-            p.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(str(p))
-        sock.listen(16)
+        sock = bind_unix(self.path, backlog=16, key="vmm_socket")
         sock.setblocking(False)
         return sock
 

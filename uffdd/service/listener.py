@@ -13,21 +13,20 @@ import itertools
 import json
 import os
 import socket
-import stat
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import structlog
 
 from uffdd import handshake as hs_mod
 from uffdd.config import Config
-from uffdd.errors import HandshakeError, SourceError, UffddError
+from uffdd.errors import HandshakeError, SourceError
 from uffdd.kernel import KernelError, Userfaultfd
 from uffdd.pagestate import PageStates
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
 from uffdd.service.metrics import Totals
 from uffdd.session import Session, SessionStats
 from uffdd.sources import PageSource, source_class
+from uffdd.unixsock import bind_unix
 
 log = structlog.get_logger("uffdd.listener")
 
@@ -139,15 +138,7 @@ class Listener:
         """Bind the listening socket (replacing a stale socket file, never another file)."""
         if self._sock is not None:
             return self._sock
-        path = Path(self.config.listen)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise UffddError(f"listen: {path} exists and is not a socket; refusing to replace it")
-            path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(str(path))
-        sock.listen(128)
+        sock = bind_unix(self.config.listen, backlog=128, key="listen")
         self._sock = sock
         self.store.store_listener(sock.fileno())
         return sock
