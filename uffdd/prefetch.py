@@ -105,6 +105,7 @@ class Prefetcher:
         k = 0
         while k < len(todo) and not self.s.closed:
             await self._slots.acquire()  # claim pages only when they can be fetched right away
+            await self._throttle(self.chunk_pages * self.s.page_size)
             batch: list[Segment] = []
             batch_pages = 0
             while k < len(todo) and batch_pages < self.chunk_pages:
@@ -170,6 +171,7 @@ class Prefetcher:
     async def _scan(self) -> None:
         while not self.s.closed and not self._stopped:
             await self._slots.acquire()  # claim pages only when they can be fetched right away
+            await self._throttle(self.chunk_pages * self.s.page_size)
             seg = self._next_run()
             if seg is None:
                 self._slots.release()
@@ -181,8 +183,6 @@ class Prefetcher:
         """Start filling ``segs`` once an in-flight slot is free; respects the rate limit."""
         if not have_slot:
             await self._slots.acquire()
-        nbytes = sum(n << r.shift for r, _, n in segs)
-        await self._throttle(nbytes)
         task = asyncio.get_running_loop().create_task(self._fill(segs, path))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -190,6 +190,8 @@ class Prefetcher:
         await asyncio.sleep(0)  # let demand faults in between runs
 
     async def _throttle(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit the rate limit; called before pages are claimed, so a
+        demand fault never waits on a claim that is only sleeping."""
         rate = self.cfg.rate
         if rate is None:
             return
