@@ -296,3 +296,21 @@ async def test_snapshot_on_tmpfs_is_served_inline_without_a_thread_hop(tmp_path:
             assert d.listener.ended_totals.fills_async == 0
     finally:
         shm.unlink()
+
+
+def test_cache_residency_check_tells_cached_from_evicted_snapshot_pages(tmp_path: Path) -> None:
+    """Backs the inline path for pages RWF_NOWAIT refuses only because of a readahead mark."""
+    from uffdd.sources.file import _all_cached
+
+    snap = tmp_path / "resident.mem"
+    snap.write_bytes(os.urandom(MIB))
+    fd = os.open(snap, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        assert _all_cached(fd, 0, MIB)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not _all_cached(fd, 0, MIB)
+        os.pread(fd, 4096, 8192)
+        assert _all_cached(fd, 8192, 4096)
+    finally:
+        os.close(fd)
