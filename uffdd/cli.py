@@ -28,10 +28,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from uffdd import logs
     from uffdd.config import load_config
     from uffdd.service.daemon import serve
+    from uffdd.service.workers import WorkerListener, become_worker, supervise, worker_config, worker_index
 
     config = load_config(args.config)
     logs.configure(config.log.format, config.log.level)
-    return int(uvloop.run(serve(config, config_path=args.config)))
+    index = worker_index()
+    if index is None and config.worker_count > 1:
+        return int(uvloop.run(supervise(config, config_path=args.config, count=config.worker_count)))
+    if index is None:
+        return int(uvloop.run(serve(config, config_path=args.config)))
+    become_worker(index)
+    return int(uvloop.run(serve(worker_config(config, index), config_path=args.config,
+                                adjust=lambda c: worker_config(c, index), listener_cls=WorkerListener)))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -48,6 +56,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"uffdd status: no answer from {path}: {exc}", file=sys.stderr)
         return 1
+    for w in doc.get("workers", []):  # workers: N > 1: each worker answers for its own sessions
+        try:
+            sub = query(w["control"], "status", timeout=args.timeout)
+        except (OSError, ValueError) as exc:
+            print(f"uffdd status: worker {w['index']}: no answer from {w['control']}: {exc}", file=sys.stderr)
+            continue
+        doc["sessions"].extend({**row, "worker": w["index"], "session": f"w{w['index']}.{row['session']}"}
+                               for row in sub["sessions"])
+        doc["unresumed"] = doc.get("unresumed", []) + [f"w{w['index']}.{sid}" for sid in sub.get("unresumed", [])]
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0

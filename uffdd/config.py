@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,19 @@ class Config(_Strict):
     session: SessionConfig = SessionConfig()
     control: ControlConfig = ControlConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    workers: int | Literal["auto"] = Field(default=1)
+    """Worker processes sharing the socket (uffdd.service.workers); "auto": one per CPU."""
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("expected 1..256 or 'auto'")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers if isinstance(self.workers, int) else max(os.cpu_count() or 1, 1)
 
     @property
     def control_path(self) -> str:

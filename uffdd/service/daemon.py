@@ -70,8 +70,11 @@ def _listening_socket(inherited: Inherited, config: Config, store: FdStore) -> t
 class Daemon:
     """One run of the service: everything :func:`serve` starts, and the STATUS= line."""
 
-    def __init__(self, config: Config, config_path: str | None) -> None:
+    def __init__(self, config: Config, config_path: str | None,
+                 adjust: Callable[[Config], Config] | None = None) -> None:
         self.config = config
+        self.adjust = adjust
+        """Applied to a reloaded config (a worker's own control socket and metrics port)."""
         self.config_path = config_path
         self.started = time.monotonic()
         self.listener: Listener | None = None
@@ -138,6 +141,8 @@ class Daemon:
             if self.config_path is None:
                 raise ConfigError("no config file to reload (started without one)")
             new = await asyncio.to_thread(load_config, self.config_path)
+            if self.adjust is not None:
+                new = self.adjust(new)
         except ConfigError as exc:
             log.error("reload_failed", error=str(exc), hint="the previous configuration stays in force")
             systemd.notify("READY=1", f"STATUS=reload failed, previous configuration kept: {exc}"[:1000])
@@ -185,17 +190,18 @@ def _start_watchdog(loop: asyncio.AbstractEventLoop) -> _Every | None:
     return _Every(loop, usec / 2e6, lambda: systemd.notify("WATCHDOG=1"))
 
 
-async def serve(config: Config, *, config_path: str | None = None, ready: asyncio.Event | None = None) -> int:
+async def serve(config: Config, *, config_path: str | None = None, ready: asyncio.Event | None = None,
+                adjust: Callable[[Config], Config] | None = None, listener_cls: type[Listener] = Listener) -> int:
     """Run until SIGTERM/SIGINT; see ShutdownConfig for what happens to live sessions."""
     loop = asyncio.get_running_loop()
-    daemon = Daemon(config, config_path)
+    daemon = Daemon(config, config_path, adjust)
     inherited = sort_inherited(systemd.listen_fds())
     for lf in inherited.unknown:
         log.warning("unknown_fd_closed", name=lf.name, fd=lf.fd)
         os.close(lf.fd)
     store = FdStore()
     sock, owns_path = _listening_socket(inherited, config, store)
-    listener = daemon.listener = Listener(config, sock=sock, owns_path=owns_path, store=store)
+    listener = daemon.listener = listener_cls(config, sock=sock, owns_path=owns_path, store=store)
     listener.on_change = daemon.status_soon
     if inherited.sessions:
         # Before accepting: new sessions must not take the ids (and fd names) of stored ones.

@@ -1,0 +1,217 @@
+"""``workers: N``: a parent that is the service manager of N worker processes.
+
+The parent runs under tests/supervisor.py (the host's systemd), so what it sends upwards, and
+the fd store it mirrors there (names prefixed ``w<i>.``), are observed on a real notify socket.
+Guests are stand-in VMMs that check every page against the snapshot at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.supervisor import Supervisor
+from tests.test_restart import (
+    PAGES,
+    REGIONS,
+    assert_guest_whole,
+    filled,
+    log_events,
+    supervised,
+)
+from uffdd.config import parse_config
+from uffdd.errors import ConfigError
+from uffdd.service.control import query
+from uffdd.testing import VmmProcess, VmmSpec
+
+TWO = {"workers": 2}
+
+
+def guests(tmp_path: Path, snapshot: Path, n: int, *, threads: int = 2, start_delay: float = 1.0) -> list[VmmProcess]:
+    return [VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot), region_sizes=REGIONS,
+                               threads=threads, vm_id=f"g{i}", seed=200 + i, start_delay=start_delay, timeout=50))
+            for i in range(n)]
+
+
+def results(vmms: list[VmmProcess], timeout: float = 50) -> list[dict[str, Any]]:
+    try:
+        return [v.result(timeout) for v in vmms]
+    finally:
+        for v in vmms:
+            v.kill()
+
+
+def parent_status(tmp_path: Path) -> dict[str, Any]:
+    return query(str(tmp_path / "uffdd.ctl"))
+
+
+def gone(pid: int, timeout: float = 5) -> bool:
+    """The process has exited (a zombie not yet reaped by whoever adopted it counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def workers_with_sessions(sup: Supervisor) -> dict[int, set[str]]:
+    """worker index -> ids of the sessions it stored (mirrored into the supervisor's store)."""
+    out: dict[int, set[str]] = {}
+    for name in sup.stored_names():
+        if name.startswith("w") and name.endswith(".desc"):
+            index, sid, _ = name.split(".")
+            out.setdefault(int(index[1:]), set()).add(sid)
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_guests_at_once_are_spread_over_two_workers_and_get_every_page_right(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config=TWO) as sup:
+        ready = sup.wait_ready(run=1)
+        assert ready.fields["MAINPID"] == str(sup.main_pid)
+        assert ready.fields["STATUS"].endswith("2/2 worker(s) up"), ready.fields
+        workers = parent_status(tmp_path)["workers"]
+        pids = {w["pid"] for w in workers}
+        assert len(pids) == 2 and sup.main_pid not in pids
+        vmms = guests(tmp_path, snapshot_4k, 6)
+        res = results(vmms)
+        for r in res:
+            assert_guest_whole(r)
+        # Each worker reported its sessions on its own control socket and in the log.
+        done = [e for e in log_events(tmp_path) if e.get("event") == "session_complete"]
+        by_worker = {e["worker"] for e in done}
+        assert len(done) == 6 and by_worker == {0, 1}, [(e.get("worker"), e.get("session")) for e in done]
+        assert sup.wait_for(lambda: "6 served" in sup.status, 10), sup.status
+        ex = sup.stop()
+        assert ex.returncode == 0
+        assert sup.wait_message("STOPPING", "1").run == 1
+        assert sup.stored_names() == [] and not sup.rejected, (sup.stored_names(), sup.rejected)
+        assert not (tmp_path / "uffdd.sock").exists()
+        assert all(gone(pid) for pid in pids)
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_killed_mid_migration_is_replaced_and_its_sessions_resume_with_every_page_right(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config=TWO) as sup:
+        sup.wait_ready(run=1)
+        vmms = guests(tmp_path, snapshot_4k, 4, threads=3)
+        try:
+            assert sup.wait_for(lambda: sum(map(len, workers_with_sessions(sup).values())) == 4, 15), \
+                sup.stored_names()
+            victim, sids = max(workers_with_sessions(sup).items(), key=lambda kv: len(kv[1]))
+            states = [sup.stored_fd(f"w{victim}.{sid}.state") for sid in sorted(sids)]
+            try:
+                deadline = time.monotonic() + 20
+                while min(filled(fd, PAGES) for fd in states) < PAGES // 5:
+                    assert time.monotonic() < deadline, [filled(fd, PAGES) for fd in states]
+                    time.sleep(0.0005)
+                pid = parent_status(tmp_path)["workers"][victim]["pid"]
+                os.kill(pid, signal.SIGKILL)
+                at_kill = [filled(fd, PAGES) for fd in states]
+            finally:
+                for fd in states:
+                    os.close(fd)
+            res = results(vmms)
+        finally:
+            for v in vmms:
+                v.kill()
+        for r in res:
+            assert_guest_whole(r)
+        assert any(n < PAGES for n in at_kill), f"the kill did not land mid-migration: {at_kill}"
+        events = log_events(tmp_path)
+        died = [e for e in events if e.get("event") == "worker_died"]
+        assert [(e["worker"], e["pid"], e["code"]) for e in died] == [(victim, pid, -signal.SIGKILL)]
+        resumed = {e["session"] for e in events if e.get("event") == "session_resumed" and e.get("worker") == victim}
+        assert resumed == {sid for sid, n in zip(sorted(sids), at_kill, strict=True) if n < PAGES}
+        assert sup.exits == []  # the parent itself never went down
+        assert parent_status(tmp_path)["workers"][victim]["starts"] == 2
+        assert sup.wait_for(lambda: sup.stored_names() == ["listen"], 10), sup.stored_names()
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_parent_takes_its_workers_along_and_the_restarted_one_resumes_every_session(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config=TWO) as sup:
+        sup.wait_ready(run=1)
+        old = {w["pid"] for w in parent_status(tmp_path)["workers"]}
+        vmms = guests(tmp_path, snapshot_4k, 3, threads=3)
+        try:
+            assert sup.wait_for(lambda: sum(map(len, workers_with_sessions(sup).values())) == 3, 15)
+            name = next(n for n in sup.stored_names() if n.endswith(".state"))
+            state = sup.stored_fd(name)
+            try:
+                deadline = time.monotonic() + 20
+                while filled(state, PAGES) < PAGES // 4:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.0005)
+                sup.kill(signal.SIGKILL)
+            finally:
+                os.close(state)
+            sup.wait_ready(run=2, timeout=20)
+            res = results(vmms)
+        finally:
+            for v in vmms:
+                v.kill()
+        for r in res:
+            assert_guest_whole(r)
+        # PR_SET_PDEATHSIG: no orphan keeps serving a uffd that the successor serves too.
+        assert all(gone(pid) for pid in old)
+        assert any(e.get("event") == "session_resumed" for e in log_events(tmp_path))
+
+
+@pytest.mark.timeout(60)
+def test_uffdd_status_gathers_the_sessions_of_every_worker(tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config=TWO) as sup:
+        sup.wait_ready(run=1)
+        vmms = guests(tmp_path, snapshot_4k, 2, start_delay=3.0)  # connected, waiting to fault
+        try:
+            assert sup.wait_for(lambda: sum(map(len, workers_with_sessions(sup).values())) == 2, 15)
+            cmd = [sys.executable, "-m", "uffdd", "status", "--json", "-c", str(tmp_path / "uffdd.yaml")]
+            out = subprocess.run(cmd,
+                                 capture_output=True, check=True, timeout=20).stdout
+            doc = json.loads(out)
+            assert [w["index"] for w in doc["workers"]] == [0, 1]
+            assert sorted(r["vm_id"] for r in doc["sessions"]) == ["g0", "g1"], doc["sessions"]
+            assert {r["worker"] for r in doc["sessions"]} == {0, 1}
+        finally:
+            res = results(vmms)
+        for r in res:
+            assert_guest_whole(r)
+
+
+@pytest.mark.timeout(60)
+def test_workers_1_is_the_single_process_daemon_with_unprefixed_store_names(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config={"workers": 1}) as sup:
+        sup.wait_ready(run=1)
+        (vmm,) = guests(tmp_path, snapshot_4k, 1, start_delay=0.5)
+        try:
+            assert sup.wait_for(lambda: "s1.desc" in sup.stored_names(), 10), sup.stored_names()
+            assert query(str(tmp_path / "uffdd.ctl"))["pid"] == sup.main_pid
+        finally:
+            res = results([vmm])
+        assert_guest_whole(res[0])
+        assert not any(e.get("event") == "worker_started" for e in log_events(tmp_path))
+
+
+def test_workers_key_accepts_a_count_or_auto_and_refuses_zero() -> None:
+    assert parse_config({}).worker_count == 1
+    assert parse_config({"workers": 3}).worker_count == 3
+    assert parse_config({"workers": "auto"}).worker_count == (os.cpu_count() or 1)
+    with pytest.raises(ConfigError, match="workers"):
+        parse_config({"workers": 0})
