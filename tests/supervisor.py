@@ -25,14 +25,12 @@ in sd_notify(3), sd_listen_fds(3), sd_watchdog_enabled(3) and systemd.service(5)
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -43,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
+from uffdd import ancillary
+
 NOTIFY_BUFFER_MAX = 4096
 """systemd reads notify datagrams into a buffer of this size and drops longer ones."""
 SCM_MAX_FD = 253
-_UCRED = struct.Struct("iII")
-_FD_SIZE = array.array("i").itemsize
 _CLEAN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
 
 # Runs as the service's pid: moves the passed descriptors to 3.., sets LISTEN_PID/WATCHDOG_PID
@@ -347,18 +345,10 @@ class Supervisor:
         while True:
             try:
                 data, anc, flags, _ = self._nsock.recvmsg(
-                    NOTIFY_BUFFER_MAX, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE))
+                    NOTIFY_BUFFER_MAX, ancillary.space(SCM_MAX_FD, credentials=True))
             except BlockingIOError:
                 return
-            fds: list[int] = []
-            pid = 0
-            for level, typ, cdata in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
-                    fds.extend(got)
-                elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
-                    pid = _UCRED.unpack(cdata[: _UCRED.size])[0]
+            fds, pid = ancillary.parse(anc)
             self._dispatch(data, fds, pid, flags)
 
     def _reject(self, pid: int, reason: str, fds: list[int]) -> None:

@@ -6,7 +6,6 @@ line and closed, and nothing else notices.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import itertools
@@ -17,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 import structlog
 
+from uffdd import ancillary
 from uffdd import handshake as hs_mod
 from uffdd.config import Config
 from uffdd.errors import HandshakeError, SourceError
@@ -31,7 +31,6 @@ from uffdd.unixsock import bind_unix
 log = structlog.get_logger("uffdd.listener")
 
 MAX_FDS = 2
-_FD_SIZE = array.array("i").itemsize
 
 
 async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -69,14 +68,10 @@ async def receive_handshake(
             while not hs_mod.body_complete(bytes(body)):
                 await _wait_readable(loop, sock)
                 try:
-                    data, anc, flags, _ = sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * _FD_SIZE))
+                    data, anc, flags, _ = sock.recvmsg(65536, ancillary.space(MAX_FDS))
                 except (BlockingIOError, InterruptedError):
                     continue
-                for level, typ, cdata in anc:
-                    if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                        got = array.array("i")
-                        got.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
-                        fds.extend(got)
+                fds.extend(ancillary.parse(anc)[0])
                 if flags & socket.MSG_CTRUNC:
                     raise HandshakeError(f"too many file descriptors: send [uffd, memfd] (at most {MAX_FDS})")
                 if not data:

@@ -22,7 +22,6 @@ the parent's control socket lists the workers, and `uffdd status` gathers their 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import fcntl
@@ -31,7 +30,6 @@ import os
 import re
 import signal
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -42,7 +40,7 @@ from typing import Any
 
 import structlog
 
-from uffdd import __version__
+from uffdd import __version__, ancillary
 from uffdd.config import Config, ControlConfig, MetricsConfig
 from uffdd.service import systemd
 from uffdd.service.control import ControlServer
@@ -69,8 +67,6 @@ RESTART_DELAY_S = 0.1
 QUICK_DEATH_S = 1.0
 """A worker that dies sooner than this after its start is restarted after a second, not at once."""
 ABORT_TIMEOUT_S = 5.0
-_UCRED = struct.Struct("iII")
-_FD_SIZE = array.array("i").itemsize
 _PREFIX_RE = re.compile(r"w(?P<index>[0-9]+)\.(?P<name>.+)")
 _COUNT_RE = re.compile(r"(\d+) (session\(s\)|page\(s\) to go|served|faults|resumed)")
 # Runs as the worker's pid, so LISTEN_PID can name it (systemd sets it between fork and exec).
@@ -272,19 +268,10 @@ class WorkerPool:
     def _read_notify(self, w: Worker, *, dead_pid: int | None = None) -> None:
         while True:
             try:
-                data, anc, flags, _ = w.notify.recvmsg(
-                    4096, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(253 * _FD_SIZE))
+                data, anc, flags, _ = w.notify.recvmsg(4096, ancillary.space(253, credentials=True))
             except (BlockingIOError, InterruptedError):
                 return
-            fds: list[int] = []
-            pid = 0
-            for level, typ, cdata in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
-                    fds.extend(got)
-                elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
-                    pid = _UCRED.unpack(cdata[: _UCRED.size])[0]
+            fds, pid = ancillary.parse(anc)
             sender_ok = pid == w.pid or (dead_pid is not None and pid in (dead_pid, 0))
             if not sender_ok or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 log.warning("worker_notify_refused", worker=w.index, sender=pid, truncated=bool(flags))
