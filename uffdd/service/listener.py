@@ -19,8 +19,8 @@ import structlog
 from uffdd import ancillary
 from uffdd import handshake as hs_mod
 from uffdd.config import Config
-from uffdd.errors import HandshakeError, SourceError
-from uffdd.kernel import KernelError, Userfaultfd
+from uffdd.errors import HandshakeError, SourceError, UffddError
+from uffdd.kernel import Userfaultfd
 from uffdd.pagestate import PageStates
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
 from uffdd.service.metrics import Totals
@@ -230,7 +230,7 @@ class Listener:
             except BaseException:
                 await source.aclose()
                 raise
-        except (HandshakeError, KernelError) as exc:
+        except (UffddError, OSError) as exc:  # KernelError is an OSError: all get the error line
             _close_fds(fds)
             self.handshakes_refused += 1
             clog.warning("handshake_refused", error=str(exc))
