@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import platform
@@ -65,8 +66,6 @@ def _try_register(kind: str) -> Check:
         hint = " (reserve pages: echo N > /proc/sys/vm/nr_hugepages)" if hugetlb else ""
         return Check(name, False, f"cannot map it: {exc.strerror}{hint}", required=required)
     try:
-        import ctypes
-
         addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
         mode = abi.REGISTER_MODE_MISSING | (0 if anonymous else abi.REGISTER_MODE_MINOR)
         try:

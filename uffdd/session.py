@@ -146,36 +146,18 @@ class SessionStats:
             self.latency_log2_us[i] += n
 
     def as_dict(self) -> dict[str, float | int]:
-        return {
-            "pages_total": self.pages_total,
-            "pages_filled": self.pages_filled,
-            "pages_demand": self.pages_demand,
-            "pages_fault_around": self.pages_fault_around,
-            "pages_prefetch": self.pages_prefetch,
-            "pages_replay": self.pages_replay,
+        """The counters, plus what is derived from them, for log lines and reports."""
+        out: dict[str, float | int] = {name: getattr(self, name) for name in _SUMMED if name != "blocked_ns"}
+        out.update({
             "blocked_ms": round(self.blocked_ns / 1e6, 3),
             "vcpus_blocked": len(self.blocked_ns_by_tid),
             "max_vcpu_blocked_ms": round(max(self.blocked_ns_by_tid.values(), default=0) / 1e6, 3),
             "complete_s": round(self.complete_s, 4),
-            "pages_removed": self.pages_removed,
-            "pages_zeroed": self.pages_zeroed,
-            "pages_poisoned": self.pages_poisoned,
-            "events": self.events,
-            "fault_msgs": self.fault_msgs,
-            "minor_faults": self.minor_faults,
-            "fills_inline": self.fills_inline,
-            "fills_async": self.fills_async,
-            "coalesced": self.coalesced,
-            "stolen": self.stolen,
-            "already_mapped": self.already_mapped,
-            "retries": self.retries,
-            "source_errors": self.source_errors,
-            "kernel_errors": self.kernel_errors,
-            "bytes_filled": self.bytes_filled,
             "p50_us_le": self.latency_quantile(0.5),
             "p99_us_le": self.latency_quantile(0.99),
             "seconds": round(time.monotonic() - self.started, 3),
-        }
+        })
+        return out
 
 
 _SUMMED = ("pages_total", "pages_filled", "pages_demand", "pages_fault_around", "pages_prefetch", "pages_replay",
@@ -674,7 +656,7 @@ class Session:
                     break
                 except PagePoisoned as exc:
                     dest.release()
-                    self._poison(region, lo, n, exc)
+                    self.poison_run(region, lo, n, exc)
                     return
                 except (SourceError, OSError, ValueError) as exc:
                     self.stats.source_errors += 1
@@ -690,9 +672,6 @@ class Session:
         self._install_run(region, lo, n, demand_idx, t0, DEMAND, buf, tid=tid)
 
     def poison_run(self, region: Region, lo: int, n: int, exc: PagePoisoned) -> None:
-        self._poison(region, lo, n, exc)
-
-    def _poison(self, region: Region, lo: int, n: int, exc: PagePoisoned) -> None:
         """The source says some of these pages are poisoned (a memory error at the source): those
         get UFFDIO_POISON, so the guest takes a SIGBUS instead of reading garbage; the rest of
         the run is fetched again page by page."""

@@ -48,7 +48,6 @@ class Image:
         self.image_id = hashlib.sha256(f"{kind}:{st.st_dev}:{st.st_ino}:{size}".encode()).digest()[:16]
         self._nowait = True
         self._busy = 0
-        self.cold_reads = 0
         """Reads that had to wait for the disk (done in a thread)."""
         self._closing = False
 
@@ -127,7 +126,6 @@ class Image:
         if self._closing:
             raise ImageError(f"image {self.name!r} was withdrawn")
         self._busy += 1
-        self.cold_reads += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(_executor(), self._read_full, offset, buf)
         finally:

@@ -52,8 +52,6 @@ class FileSource(PageSource):
         """preadv flags for inline reads; None: this file system cannot say "would block"."""
         self._poison = sorted(poisoned or [])
         """(offset, length) ranges that hold memory errors, from ``<path>.poison``."""
-        self.nowait_hits = 0
-        self.cold_reads = 0
 
     @classmethod
     async def open(cls, config: SourceConfig, *, vm_id: str) -> FileSource:
@@ -104,10 +102,7 @@ class FileSource(PageSource):
                 self._nowait = 0 if _fs_type(self._fd) in _MEMORY_FS else None
                 return self.fill_nowait(offset, dest)
             return False  # let fill() raise the real error with context
-        if n == len(dest):
-            self.nowait_hits += 1
-            return True
-        return False
+        return n == len(dest)
 
     def _read_full(self, offset: int, dest: memoryview) -> None:
         done = 0
@@ -128,7 +123,6 @@ class FileSource(PageSource):
     async def fill(self, offset: int, dest: memoryview) -> None:
         if self._poison and (mark := self._poisoned(offset, len(dest))):
             raise mark
-        self.cold_reads += 1
         await asyncio.get_running_loop().run_in_executor(_executor(), self._read_full, offset, dest)
 
     def backing_fd(self) -> int | None:
