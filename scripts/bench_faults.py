@@ -12,6 +12,7 @@ is the number to quote.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,12 +34,39 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> 
         time.sleep(0.01)
 
 
-def run_guest(sock: Path, snap: Path, size: int, threads: int, seed: int, page_size: int) -> dict[str, float]:
+UFFDD = {"uffdd": True, "uffdd-python": False}
+"""The daemon as shipped, and with its C fast path switched off (session.native: false)."""
+
+
+def start_daemon(work: Path, snap: Path, name: str, native: bool) -> tuple[subprocess.Popen[bytes], Path]:
+    cfg = work / f"{name}.yaml"
+    sock = work / f"{name}.sock"
+    cfg.write_text(f"listen: {sock}\nsources: {{default: {{kind: file, path: {snap}}}}}\n"
+                   "log: {format: json, level: warning}\n"
+                   # Same work as the C handler: one page per fault, nothing in the background.
+                   f"session: {{fault_around: 0, prefetch: {{enabled: false}}, native: {str(native).lower()}}}\n")
+    return subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)]), sock
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time a process's threads have used so far (first field of schedstat, in ns)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+            total += int(fh.read().split()[0])
+    return total
+
+
+def run_guest(sock: Path, snap: Path, size: int, threads: int, seed: int, page_size: int,
+              handler_pid: int) -> dict[str, float]:
+    """One guest run; adds the handler's CPU time per fault (us) as "cpu_us_per_fault"."""
+    before = cpu_ns(handler_pid)
     out = subprocess.run(
         [str(BENCH / "build" / "guest"), "--socket", str(sock), "--snapshot", str(snap), "--size", str(size),
          "--threads", str(threads), "--seed", str(seed), "--page-size", str(page_size)],
         check=True, capture_output=True, timeout=300).stdout
     res: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    res["cpu_us_per_fault"] = (cpu_ns(handler_pid) - before) / res["pages"] / 1000
     if res["wrong_pages"]:
         raise SystemExit(f"guest saw {res['wrong_pages']} wrong pages: {res}")
     return res
@@ -62,48 +90,53 @@ def main() -> int:
         with open(snap, "wb") as fh:
             fh.write(os.urandom(size))
         snap.read_bytes()  # in page cache, as the issue's workload says
-        cfg = work / "uffdd.yaml"
-        dsock = work / "uffdd.sock"
-        cfg.write_text(f"listen: {dsock}\nsources: {{default: {{kind: file, path: {snap}}}}}\n"
-                       "log: {format: json, level: warning}\n"
-                       # Same work as the C handler: one page per fault, nothing in the background.
-                       "session: {fault_around: 0, prefetch: {enabled: false}}\n")
-        daemon = subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)])
-        results: dict[str, list[dict[str, float]]] = {"c": [], "uffdd": []}
+        daemons = {name: start_daemon(work, snap, name, native) for name, native in UFFDD.items()}
+        results: dict[str, list[dict[str, float]]] = {"c": [], **{name: [] for name in UFFDD}}
         try:
-            wait_for(dsock, daemon)
+            for proc, sock in daemons.values():
+                wait_for(sock, proc)
             for r in range(args.rounds):
                 hsock = work / f"c{r}.sock"
                 handler = subprocess.Popen([str(BENCH / "build" / "handler"), "--socket", str(hsock),
                                             "--snapshot", str(snap)], stdout=subprocess.DEVNULL)
                 try:
                     wait_for(hsock, handler)
-                    results["c"].append(run_guest(hsock, snap, size, args.threads, r, args.page_size))
+                    results["c"].append(run_guest(hsock, snap, size, args.threads, r, args.page_size, handler.pid))
                     handler.wait(30)
                 finally:
                     if handler.poll() is None:
                         handler.kill()
-                results["uffdd"].append(run_guest(dsock, snap, size, args.threads, r, args.page_size))
+                for name, (proc, sock) in daemons.items():
+                    results[name].append(run_guest(sock, snap, size, args.threads, r, args.page_size, proc.pid))
         finally:
-            daemon.terminate()
-            daemon.wait(30)
+            for proc, _ in daemons.values():
+                proc.terminate()
+            for proc, _ in daemons.values():
+                proc.wait(30)
 
     med = {k: statistics.median(x["faults_per_s"] for x in v) for k, v in results.items()}
     p99 = {k: statistics.median(x["p99_us"] for x in v) for k, v in results.items()}
+    cpu = {k: statistics.median(x["cpu_us_per_fault"] for x in v) for k, v in results.items()}
     ratio = med["uffdd"] / med["c"]
     summary = {"pages": size // args.page_size, "threads": args.threads, "rounds": args.rounds,
                "c_faults_per_s": round(med["c"]), "uffdd_faults_per_s": round(med["uffdd"]),
-               "ratio": round(ratio, 3), "c_p99_us": p99["c"], "uffdd_p99_us": p99["uffdd"],
+               "uffdd_python_faults_per_s": round(med["uffdd-python"]),
+               "ratio": round(ratio, 3), "ratio_python_path": round(med["uffdd-python"] / med["c"], 3),
+               "cpu_us_per_fault": {k: round(v, 2) for k, v in cpu.items()},
+               "c_p99_us": p99["c"], "uffdd_p99_us": p99["uffdd"], "uffdd_python_p99_us": p99["uffdd-python"],
                "per_round": {k: [round(x["faults_per_s"]) for x in v] for k, v in results.items()}}
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"workload: {summary['pages']} pages of {args.page_size} B, {args.threads} faulting threads, "
               f"file source in page cache, {args.rounds} alternating rounds")
-        print(f"{'handler':<10}{'faults/s (median)':>20}{'p99 us (median)':>18}   per round")
-        for k in ("c", "uffdd"):
-            print(f"{k:<10}{med[k]:>20,.0f}{p99[k]:>18.1f}   {summary['per_round'][k]}")  # type: ignore[index]
-        print(f"ratio uffdd / C: {ratio:.3f}")
+        print(f"{'handler':<14}{'faults/s (median)':>20}{'p99 us (median)':>18}{'handler CPU us/fault':>22}"
+              "   per round")
+        for k in results:
+            print(f"{k:<14}{med[k]:>20,.0f}{p99[k]:>18.1f}{cpu[k]:>22.2f}"
+                  f"   {summary['per_round'][k]}")  # type: ignore[index]
+        print(f"ratio uffdd / C: {ratio:.3f}   (with the C fast path off, uffdd-python / C: "
+              f"{med['uffdd-python'] / med['c']:.3f})")
     return 0
 
 

@@ -131,15 +131,25 @@ async def running_daemon(config: Config, snapshot: Path) -> AsyncIterator[Daemon
         await listener.close()
 
 
-@pytest.fixture
-async def daemon(tmp_path: Path, snapshot_4k: Path) -> AsyncIterator[Daemon]:
-    async with running_daemon(make_config(tmp_path, snapshot_4k), snapshot_4k) as d:
+def core_session(fault_path: str) -> dict[str, Any]:
+    return {"fault_around": 0, "prefetch": {"enabled": False}, "native": fault_path == "c-fast-path"}
+
+
+# The core tests run on both single-page fault paths: uffdd/kernel/_fastpath.c and Python's.
+FAULT_PATHS = ["c-fast-path", "python"]
+
+
+@pytest.fixture(params=FAULT_PATHS)
+async def daemon(request: pytest.FixtureRequest, tmp_path: Path, snapshot_4k: Path) -> AsyncIterator[Daemon]:
+    config = make_config(tmp_path, snapshot_4k, session=core_session(request.param))
+    async with running_daemon(config, snapshot_4k) as d:
         yield d
 
 
-@pytest.fixture
-async def daemon_2m(tmp_path: Path, snapshot_2m: Path) -> AsyncIterator[Daemon]:
-    async with running_daemon(make_config(tmp_path, snapshot_2m), snapshot_2m) as d:
+@pytest.fixture(params=FAULT_PATHS)
+async def daemon_2m(request: pytest.FixtureRequest, tmp_path: Path, snapshot_2m: Path) -> AsyncIterator[Daemon]:
+    config = make_config(tmp_path, snapshot_2m, session=core_session(request.param))
+    async with running_daemon(config, snapshot_2m) as d:
         yield d
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HUGE, Daemon, make_config, running_daemon
+from tests.conftest import FAULT_PATHS, HUGE, Daemon, core_session, make_config, running_daemon
 from tests.flaky import FlakySource
 from uffdd.sources import BUILTIN_SOURCES
 
@@ -255,13 +255,14 @@ async def test_source_failures_are_retried_and_never_reach_the_guest(
         assert d.listener.ended_totals.source_errors == FlakySource.failures
 
 
+@pytest.mark.parametrize("fault_path", FAULT_PATHS)
 async def test_snapshot_truncated_mid_run_makes_faults_wait_not_read_zeros(
-        tmp_path: Path, snapshot_4k: Path) -> None:
+        tmp_path: Path, snapshot_4k: Path, fault_path: str) -> None:
     """Pages past the end of a shrunken snapshot are retried until the bytes are back."""
     snap = tmp_path / "shrinking.mem"
     data = snapshot_4k.read_bytes()[: 4 * MIB]
     snap.write_bytes(data)
-    cfg = make_config(tmp_path, snap)
+    cfg = make_config(tmp_path, snap, session=core_session(fault_path))
     async with running_daemon(cfg, snap) as d:
         vmm = d.start_vmm(region_sizes=[4 * MIB], threads=2, start_delay=1.0)
         for _ in range(500):
@@ -283,12 +284,14 @@ async def test_snapshot_truncated_mid_run_makes_faults_wait_not_read_zeros(
         assert_all_correct(res)
 
 
-async def test_snapshot_on_tmpfs_is_served_inline_without_a_thread_hop(tmp_path: Path, snapshot_4k: Path) -> None:
+@pytest.mark.parametrize("fault_path", FAULT_PATHS)
+async def test_snapshot_on_tmpfs_is_served_inline_without_a_thread_hop(
+        tmp_path: Path, snapshot_4k: Path, fault_path: str) -> None:
     """tmpfs refuses RWF_NOWAIT; its reads never wait for a disk, so they stay on the fast path."""
     shm = Path("/dev/shm") / f"uffdd-test-{os.getpid()}.mem"
     shm.write_bytes(snapshot_4k.read_bytes()[: 4 * MIB])
     try:
-        async with running_daemon(make_config(tmp_path, shm), shm) as d:
+        async with running_daemon(make_config(tmp_path, shm, session=core_session(fault_path)), shm) as d:
             res = await d.run_vmm(region_sizes=[4 * MIB])
             assert_all_correct(res)
             await d.wait_idle()
@@ -296,6 +299,47 @@ async def test_snapshot_on_tmpfs_is_served_inline_without_a_thread_hop(tmp_path:
             assert d.listener.ended_totals.fills_async == 0
     finally:
         shm.unlink()
+
+
+@pytest.mark.parametrize("fault_path", FAULT_PATHS)
+async def test_snapshot_pages_evicted_from_page_cache_get_exact_bytes(
+        tmp_path: Path, snapshot_4k: Path, fault_path: str) -> None:
+    """RWF_NOWAIT refuses them: the C path hands them to Python, which reads inline once the
+    kernel's readahead has them cached, or in a thread."""
+    snap = tmp_path / "cold.mem"
+    snap.write_bytes(snapshot_4k.read_bytes()[: 4 * MIB])
+    fd = os.open(snap, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    async with running_daemon(make_config(tmp_path, snap, session=core_session(fault_path)), snap) as d:
+        res = await d.run_vmm(region_sizes=[4 * MIB], threads=4)
+        assert_all_correct(res)
+        await d.wait_idle()
+        totals = d.listener.ended_totals
+        assert totals.fills_inline + totals.fills_async == totals.pages_filled == 1024
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-on", "native-off"])
+async def test_session_uses_the_c_fast_path_unless_configured_off(
+        tmp_path: Path, snapshot_4k: Path, native: bool) -> None:
+    from uffdd.kernel import _fastpath  # noqa: F401 - ./scripts/test builds it; its absence is a failure here
+
+    cfg = make_config(tmp_path, snapshot_4k, session={"fault_around": 0, "native": native})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        vmm = d.start_vmm(region_sizes=[16 * MIB], threads=2, start_delay=1.0)
+        for _ in range(500):
+            if any(s._loop is not None for s in d.listener.sessions.values()):
+                break  # started: the fault path is chosen
+            await asyncio.sleep(0.01)
+        (session,) = d.listener.sessions.values()
+        assert (session._native is not None) is native
+        res = await asyncio.to_thread(vmm.result, 60)
+        assert_all_correct(res)
+        await d.wait_idle()
+        assert d.listener.ended_totals.pages_filled == 4096
 
 
 def test_cache_residency_check_tells_cached_from_evicted_snapshot_pages(tmp_path: Path) -> None:

@@ -54,6 +54,9 @@ class SessionConfig(_Strict):
     """Write the first-fault order next to the snapshot, for later restores to prefetch first."""
     replay: bool = True
     """Prefetch a recorded working set first when a record file exists."""
+    native: bool = True
+    """Serve single-page faults from a file source with the C fast path when it is built;
+    false: the same path in Python."""
 
 
 class ControlConfig(_Strict):

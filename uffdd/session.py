@@ -16,10 +16,12 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
+import errno
 import itertools
 import mmap
 import os
 import time
+from array import array
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
@@ -42,7 +44,13 @@ from uffdd.kernel import (
     file_page_size,
     file_size,
 )
+from uffdd.kernel.errors import classify
 from uffdd.kernel.uffd import supported_features
+
+try:
+    from uffdd.kernel._fastpath import FastPath
+except ImportError:  # built without a C compiler: Session._on_fault does the same in Python
+    FastPath = None  # type: ignore[assignment,misc]
 from uffdd.pagestate import EMPTY, FILLED, FILLING, INSTALLING, REMOVED, UNMAPPED, PageStates
 from uffdd.sources import PageSource
 
@@ -118,7 +126,7 @@ class SessionStats:
     kernel_errors: int = 0
     bytes_filled: int = 0
     started: float = field(default_factory=time.monotonic)
-    latency_log2_us: list[int] = field(default_factory=lambda: [0] * _LAT_BUCKETS)
+    latency_log2_us: array[int] = field(default_factory=lambda: array("Q", bytes(8 * _LAT_BUCKETS)))
     """Histogram of fault service time (message read -> installed): bucket i holds times below
     2**i * 1.024 us (shifts, not divisions, on the fault path)."""
 
@@ -276,6 +284,8 @@ class Session:
         """Single-page shared-memory faults take the flat path in _on_fault."""
         self._mview = self._mapping.whole() if self._mapping is not None else memoryview(b"")
         self._fill_nowait = source.fill_nowait
+        self._native: FastPath | None = None
+        """The same single-page path in C (uffdd/kernel/_fastpath.c), when built and usable."""
         self._continue = uffd.continue_
         self._zeros: _Bounce | None = None
         self.stats = SessionStats(pages_total=total)
@@ -328,6 +338,7 @@ class Session:
         if self.resumed:
             self.states.recover(anonymous=self.anonymous)
             self.stats.pages_filled = sum(self.states.count(v) for v in (FILLED, REMOVED, UNMAPPED))
+        self._start_native()
         loop.add_reader(self._uffd.fileno(), self._on_readable)
         self._log.info(
             "session_start", regions=len(self.regions), pages=self.stats.pages_total,
@@ -335,7 +346,7 @@ class Session:
             preregistered=self.preinitialized, resumed=self.resumed, pages_filled=self.stats.pages_filled,
             memory="anonymous" if self.anonymous else ("hugetlbfs" if self.hugetlb else "shmem"),
             events=abi.feature_names(self.features & EVENTS),
-            fault_around=self._fa_pages, prefetch=self.config.prefetch.enabled)
+            fault_around=self._fa_pages, prefetch=self.config.prefetch.enabled, native=self._native is not None)
         if self.resumed:
             self._resume()
         # Faults may have queued between registration and add_reader.
@@ -343,6 +354,38 @@ class Session:
         self._prefetcher = Prefetcher(self, self.config)
         self._spawn(self._prefetcher.run())
         if self.stats.pages_filled == self.stats.pages_total:
+            self._schedule_complete()
+
+    def _start_native(self) -> None:
+        """Use the C fast path where it does exactly what _on_fault's flat path would."""
+        if not (self._fast and self.config.native and FastPath is not None and self._record is None):
+            return
+        inline = self.source.inline_read()
+        if inline is None:
+            return
+        self._native = FastPath(self._uffd.fileno(), inline[0], inline[1], self._mview, self.states.view,
+                                self.stats.latency_log2_us, self.stats.blocked_ns_by_tid)
+        self._native_regions()
+
+    def _native_regions(self) -> None:
+        if self._native is not None:
+            self._native.set_regions([(r.start, r.end, r.shift, r.base, r.offset) for r in self.regions])
+
+    def _fold_native(self, native: FastPath) -> None:
+        """Add what the C fast path did since the last call to the session's counters."""
+        done, minor, nbytes, ns, pos, idx = native.take()
+        if not done:
+            return
+        stats = self.stats
+        stats.fault_msgs += done
+        stats.minor_faults += minor
+        stats.fills_inline += done
+        stats.pages_filled += done
+        stats.pages_demand += done
+        stats.bytes_filled += nbytes
+        stats.blocked_ns += ns
+        self.cursor = (self.regions[pos], idx)
+        if stats.pages_filled >= stats.pages_total:
             self._schedule_complete()
 
     def _resume(self) -> None:
@@ -398,6 +441,9 @@ class Session:
 
     async def _release(self) -> None:
         """Give back the source, the second mapping and our copy of the userfaultfd."""
+        if self._native is not None:
+            self._native.close()  # it holds the mapping, the page states and the source's fd
+            self._native = None
         await self.source.aclose()
         if self._prefetcher is not None:
             self._prefetcher.close()
@@ -493,6 +539,9 @@ class Session:
         """
         if self._closed or self._uffd.closed:
             return
+        if self._native is not None:
+            self._drain_native(self._native)
+            return
         buf, view, size = self._rbuf, self._rview, len(self._rbuf)
         unpack = abi.MSG_STRUCT.iter_unpack
         on_fault = self._on_fault
@@ -516,6 +565,34 @@ class Session:
         except KernelError as exc:
             self._log.error("uffd_read_failed", error=str(exc))
             self._fail(exc)
+
+    def _drain_native(self, native: FastPath) -> None:
+        """_on_readable with the C fast path: it reads and serves; the messages it leaves
+        (events, pages not EMPTY, reads that would block, a failed CONTINUE) go through
+        _on_fault / _on_event here, one at a time and in order."""
+        view = self._rview
+        try:
+            while (left := native.drain(view)) is not None:
+                i, count, t0 = left
+                while i < count:
+                    self._fold_native(native)
+                    event, a0, a1, a2 = abi.MSG_STRUCT.unpack_from(view, i * abi.MSG_SIZE)
+                    if event == abi.EVENT_PAGEFAULT:
+                        self._on_fault(a0, a1, a2 & 0xFFFFFFFF, t0)
+                    else:
+                        self._on_event(UffdMsg(event, a0, a1, a2))
+                    i += 1
+                    if self._native is native and not self._closed:
+                        i = native.serve(view, i, count, t0)
+                if count < MAX_BATCH or self._closed or self._native is not native:
+                    break
+        except OSError as exc:  # KernelError as in _on_readable, or drain's own read(2)
+            err = exc if isinstance(exc, KernelError) else classify("read(userfaultfd)", exc.errno or errno.EIO)
+            if not isinstance(err, GuestGone):
+                self._log.error("uffd_read_failed", error=str(err))
+            self._fail(err)
+        finally:
+            self._fold_native(native)
 
     def _find(self, addr: int) -> Region | None:
         r = self._last
@@ -998,6 +1075,7 @@ class Session:
     def _reindex(self) -> None:
         for i, r in enumerate(self.regions):
             r.index = i
+        self._native_regions()
         self._by_addr = sorted(self.regions, key=lambda r: r.start)
         self._starts = [r.start for r in self._by_addr]
         self._last = self._by_addr[0]

@@ -57,6 +57,12 @@ class PageSource(ABC):
         """Where a working-set record for this source lives; None: recording not supported."""
         return None
 
+    def inline_read(self) -> tuple[int, int] | None:
+        """(fd, preadv2 flags) such that one preadv2 of a page at its offset either fills it
+        exactly as :meth:`fill_nowait` would or reports that it cannot (short read, EAGAIN).
+        Lets the C fast path read without calling back into Python. Default: None."""
+        return None
+
     def fill_nowait(self, offset: int, dest: memoryview) -> bool:
         """Try to fill without blocking; False means "use :meth:`fill`". Default: never."""
         return False

@@ -48,8 +48,9 @@ class FileSource(PageSource):
         self.path = path
         self._fd = fd
         self._size = os.fstat(fd).st_size
-        self._nowait: int | None = _RWF_NOWAIT
-        """preadv flags for inline reads; None: this file system cannot say "would block"."""
+        self._nowait: int | None = 0 if _fs_type(fd) in _MEMORY_FS else _RWF_NOWAIT
+        """preadv flags for inline reads; None: this file system cannot say "would block".
+        Files in memory (tmpfs refuses RWF_NOWAIT) are read inline without the flag."""
         self._poison = sorted(poisoned or [])
         """(offset, length) ranges that hold memory errors, from ``<path>.poison``."""
 
@@ -128,6 +129,10 @@ class FileSource(PageSource):
     def backing_fd(self) -> int | None:
         # Bulk copies bypass fill(); with memory errors marked, everything goes through it.
         return self._fd if self._fd >= 0 and not self._poison else None
+
+    def inline_read(self) -> tuple[int, int] | None:
+        # fill_nowait is exactly one preadv2 with these flags unless memory errors are marked.
+        return None if self._poison or self._nowait is None or self._fd < 0 else (self._fd, self._nowait)
 
     def record_path(self) -> str:
         return workingset.default_path(self.path)
