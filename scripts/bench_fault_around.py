@@ -40,7 +40,7 @@ def main() -> int:
                 cfg = work / f"{b}.yaml"
                 sock = work / f"{b}.sock"
                 cfg.write_text(f"listen: {sock}\nsources: {{default: {{kind: file, path: {snap}}}}}\n"
-                               f"log: {{format: json, level: warning}}\n"
+                               f"log: {{format: json, level: warning}}\nworkers: 1\n"
                                f"session: {{fault_around: {b}, prefetch: {{enabled: false}}}}\n")
                 daemons[b] = (subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)]), sock)
             for _, sock in daemons.values():

@@ -42,7 +42,7 @@ def start_daemon(work: Path, snap: Path, name: str, native: bool) -> tuple[subpr
     cfg = work / f"{name}.yaml"
     sock = work / f"{name}.sock"
     cfg.write_text(f"listen: {sock}\nsources: {{default: {{kind: file, path: {snap}}}}}\n"
-                   "log: {format: json, level: warning}\n"
+                   "log: {format: json, level: warning}\nworkers: 1\n"
                    # Same work as the C handler: one page per fault, nothing in the background.
                    f"session: {{fault_around: 0, prefetch: {{enabled: false}}, native: {str(native).lower()}}}\n")
     return subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)]), sock

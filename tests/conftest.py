@@ -189,7 +189,7 @@ def daemon_process(tmp_path: Path, snapshot_4k: Path) -> Iterator[Callable[..., 
     def start(extra_env: dict[str, str] | None = None, **config_extra: Any) -> DaemonProcess:
         sock = str(tmp_path / "d.sock")
         cfg: dict[str, Any] = {"listen": sock, "sources": {"default": {"kind": "file", "path": str(snapshot_4k)}},
-                               "log": {"format": "json", "level": "info"}}
+                               "log": {"format": "json", "level": "info"}, "workers": 1}
         cfg.update(config_extra)
         cfg_path = tmp_path / "uffdd.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))

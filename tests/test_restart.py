@@ -37,6 +37,7 @@ def write_config(tmp_path: Path, snapshot: Path, **extra: Any) -> Path:
         "log": {"format": "json", "level": "info"},
         # Demand faults only: no fault-around and no pre-paging, so work remains when it dies.
         "session": {"fault_around": 0, "prefetch": {"enabled": False}, "replay": False},
+        "workers": 1,  # the single-process daemon unless a test asks for workers
     }
     cfg.update(extra)
     path = tmp_path / "uffdd.yaml"

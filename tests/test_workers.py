@@ -87,6 +87,11 @@ def test_guests_at_once_are_spread_over_two_workers_and_get_every_page_right(
         workers = parent_status(tmp_path)["workers"]
         pids = {w["pid"] for w in workers}
         assert len(pids) == 2 and sup.main_pid not in pids
+        # pin_workers (default): each worker on its own CPU of the parent's set, round-robin.
+        cpus = sorted(os.sched_getaffinity(0))
+        assert [os.sched_getaffinity(w["pid"]) for w in sorted(workers, key=lambda w: w["index"])] == \
+            [{cpus[i % len(cpus)]} for i in range(2)]
+        assert sup.main_pid is not None and os.sched_getaffinity(sup.main_pid) == set(cpus)
         vmms = guests(tmp_path, snapshot_4k, 6)
         res = results(vmms)
         for r in res:
@@ -210,8 +215,9 @@ def test_workers_1_is_the_single_process_daemon_with_unprefixed_store_names(
 
 
 def test_workers_key_accepts_a_count_or_auto_and_refuses_zero() -> None:
-    assert parse_config({}).worker_count == 1
+    assert parse_config({}).worker_count == len(os.sched_getaffinity(0))  # default: one per usable CPU
+    assert parse_config({"workers": 1}).worker_count == 1
     assert parse_config({"workers": 3}).worker_count == 3
-    assert parse_config({"workers": "auto"}).worker_count == (os.cpu_count() or 1)
+    assert parse_config({"workers": "auto"}).worker_count == len(os.sched_getaffinity(0))
     with pytest.raises(ConfigError, match="workers"):
         parse_config({"workers": 0})

@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return int(uvloop.run(supervise(config, config_path=args.config, count=config.worker_count)))
     if index is None:
         return int(uvloop.run(serve(config, config_path=args.config)))
-    become_worker(index)
+    become_worker(index, pin=config.pin_workers)
     return int(uvloop.run(serve(worker_config(config, index), config_path=args.config,
                                 adjust=lambda c: worker_config(c, index), listener_cls=WorkerListener)))
 

@@ -80,8 +80,12 @@ class Config(_Strict):
     session: SessionConfig = SessionConfig()
     control: ControlConfig = ControlConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
-    workers: int | Literal["auto"] = Field(default=1)
-    """Worker processes sharing the socket (uffdd.service.workers); "auto": one per CPU."""
+    workers: int | Literal["auto"] = "auto"
+    """Worker processes sharing the socket (uffdd.service.workers); "auto": one per CPU this
+    process may run on (systemd's CPUAffinity= narrows it). 1: a single process, no parent."""
+    pin_workers: bool = True
+    """Each worker runs on one CPU of that set (worker i on the i-th, round-robin): a worker
+    keeps its caches, and two workers never share a CPU while another is free."""
 
     @field_validator("workers")
     @classmethod
@@ -92,7 +96,7 @@ class Config(_Strict):
 
     @property
     def worker_count(self) -> int:
-        return self.workers if isinstance(self.workers, int) else max(os.cpu_count() or 1, 1)
+        return self.workers if isinstance(self.workers, int) else max(len(os.sched_getaffinity(0)), 1)
 
     @property
     def control_path(self) -> str:

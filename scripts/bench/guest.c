@@ -13,7 +13,10 @@
  *   --bare  hand over a userfaultfd without UFFDIO_API/REGISTER; the handler must do both.
  *
  * Output: one JSON line on stdout
- *   {"pages":P,"threads":N,"elapsed_s":T,"faults_per_s":F,"p50_us":..,"p99_us":..,"wrong_pages":W}
+ *   {"pages":P,"threads":N,"elapsed_s":T,"faults_per_s":F,"p50_us":..,"p99_us":..,"wrong_pages":W,
+ *    "first_touch_ns":A,"last_touch_ns":B}
+ *   (A and B are CLOCK_MONOTONIC, the same clock in every process: concurrent guests' touching
+ *   phases can be lined up.)
  * Exit status: 0 if every page matches the snapshot, 1 if some do not, 2 on any other failure.
  */
 #define _GNU_SOURCE
@@ -429,9 +432,10 @@ int main(int argc, char **argv)
 
 	qsort(lat, npages, sizeof(*lat), cmp_u64);
 	printf("{\"pages\":%zu,\"threads\":%zu,\"elapsed_s\":%.6f,\"faults_per_s\":%.1f,"
-	       "\"p50_us\":%.2f,\"p99_us\":%.2f,\"wrong_pages\":%zu}\n",
+	       "\"p50_us\":%.2f,\"p99_us\":%.2f,\"wrong_pages\":%zu,"
+	       "\"first_touch_ns\":%" PRIu64 ",\"last_touch_ns\":%" PRIu64 "}\n",
 	       npages, nthreads, elapsed, elapsed > 0 ? (double)npages / elapsed : 0.0,
-	       percentile_us(lat, npages, 50), percentile_us(lat, npages, 99), wrong);
+	       percentile_us(lat, npages, 50), percentile_us(lat, npages, 99), wrong, t_first, t_last);
 	fflush(stdout);
 
 	/* Closing the connection is the end-of-session signal for the handler. */

@@ -79,9 +79,10 @@ def worker_index() -> int | None:
     return int(raw) if raw is not None and raw.isdigit() else None
 
 
-def become_worker(index: int) -> None:
+def become_worker(index: int, *, pin: bool) -> None:
     """Die with the parent (as systemd's cgroup kill would): a new parent resumes our sessions
-    from its store, and two handlers must never serve one userfaultfd."""
+    from its store, and two handlers must never serve one userfaultfd. With ``pin``, run on the
+    index-th CPU of the set the parent may use (the parent itself stays unpinned)."""
     import ctypes
 
     pr_set_pdeathsig = 1
@@ -89,6 +90,9 @@ def become_worker(index: int) -> None:
     if str(os.getppid()) != os.environ.get(PARENT_ENV):
         os._exit(1)  # the parent died before the prctl: nobody would be told about our sessions
     structlog.contextvars.bind_contextvars(worker=index)
+    if pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
 
 
 class WorkerListener(Listener):
