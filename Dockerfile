@@ -11,7 +11,7 @@
 # The full image has the C compiler that builds uffdd's fault fast path into the wheel.
 FROM python:3.11 AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY uffdd ./uffdd
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -7,9 +7,10 @@ stamp="$VENV/.installed"
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
-# Reinstall when pyproject.toml or the C fast path changed since the last install (an editable
-# install builds uffdd/kernel/_fastpath.c next to its source).
-if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/uffdd/kernel/_fastpath.c" -nt "$stamp" ]; then
+# Reinstall when pyproject.toml, setup.py or the C fast path changed since the last install (an
+# editable install builds uffdd/kernel/_fastpath.c next to its source).
+changed() { [ ! -f "$stamp" ] || [ "$ROOT/$1" -nt "$stamp" ]; }
+if changed pyproject.toml || changed setup.py || changed uffdd/kernel/_fastpath.c; then
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
     touch "$stamp"

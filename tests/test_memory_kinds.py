@@ -10,12 +10,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HUGE, make_config, running_daemon
+from tests.conftest import FAULT_PATHS, HUGE, core_session, make_config, running_daemon
 from tests.test_session import assert_all_correct
 from uffdd.testing import make_snapshot
 
 MIB = 1 << 20
 NO_PREFETCH = {"fault_around": 0, "prefetch": {"enabled": False}}
+# Shared memory on both single-page fault paths (C and Python), and anonymous memory.
+MEMORY = [*(f"shmem-{p}" for p in FAULT_PATHS), "anon"]
+
+
+def memory_session(memory: str) -> dict[str, object]:
+    return core_session(memory.removeprefix("shmem-")) if memory.startswith("shmem-") else NO_PREFETCH
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +74,10 @@ async def test_balloon_dontneed_then_faults_read_zeros_without_a_source_fetch(
         assert t.pages_filled == 2048
 
 
+@pytest.mark.parametrize("fault_path", FAULT_PATHS)
 async def test_dontneed_on_shared_memory_keeps_faulted_bytes_and_never_fetches_the_rest(
-        tmp_path: Path, snapshot_4k: Path) -> None:
-    cfg = make_config(tmp_path, snapshot_4k, session=NO_PREFETCH)
+        tmp_path: Path, snapshot_4k: Path, fault_path: str) -> None:
+    cfg = make_config(tmp_path, snapshot_4k, session=core_session(fault_path))
     async with running_daemon(cfg, snapshot_4k) as d:
         # MADV_DONTNEED on shared memory drops mappings, not contents: pages the guest had keep
         # the snapshot's bytes; pages it never touched read zeros, not bytes it never asked for.
@@ -97,10 +104,11 @@ async def test_remove_burst_interleaved_with_faults_finishes_with_bounded_cpu(
         assert cpu < 0.8 * wall + 0.5, (cpu, wall, t.retries)
 
 
-@pytest.mark.parametrize("anonymous", [False, True], ids=["shmem", "anon"])
+@pytest.mark.parametrize("memory", MEMORY)
 async def test_munmap_of_part_of_guest_memory_while_other_threads_fault(
-        tmp_path: Path, snapshot_4k: Path, anonymous: bool) -> None:
-    cfg = make_config(tmp_path, snapshot_4k, session=NO_PREFETCH)
+        tmp_path: Path, snapshot_4k: Path, memory: str) -> None:
+    anonymous = memory == "anon"
+    cfg = make_config(tmp_path, snapshot_4k, session=memory_session(memory))
     async with running_daemon(cfg, snapshot_4k) as d:
         res = await d.run_vmm(region_sizes=[8 * MIB, 4 * MIB], anonymous=anonymous, unmap_pages=[256, 512],
                               threads=4)
@@ -110,10 +118,11 @@ async def test_munmap_of_part_of_guest_memory_while_other_threads_fault(
         assert d.listener.ended_totals.pages_filled == 3072  # every page in place or unmapped
 
 
-@pytest.mark.parametrize("anonymous", [False, True], ids=["shmem", "anon"])
+@pytest.mark.parametrize("memory", MEMORY)
 async def test_mremap_moves_the_session_view_of_a_region(
-        tmp_path: Path, snapshot_4k: Path, anonymous: bool) -> None:
-    cfg = make_config(tmp_path, snapshot_4k, session=NO_PREFETCH)
+        tmp_path: Path, snapshot_4k: Path, memory: str) -> None:
+    anonymous = memory == "anon"
+    cfg = make_config(tmp_path, snapshot_4k, session=memory_session(memory))
     async with running_daemon(cfg, snapshot_4k) as d:
         res = await d.run_vmm(region_sizes=[4 * MIB, 4 * MIB], anonymous=anonymous, remap_region=1, threads=3)
         assert_all_correct(res)

@@ -144,3 +144,22 @@ def test_systemd_analyze_verify_passes_on_the_units() -> None:
                          env={**os.environ, "UFFDD_BIN": str(Path(sys.executable).parent / "uffdd")})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "verify: ok" in res.stdout
+
+
+def test_the_wheel_the_image_installs_carries_the_c_fast_path(tmp_path: Path) -> None:
+    """The Dockerfile's build stage runs `pip wheel .` on the files it copies; so does this."""
+    src = tmp_path / "src"
+    src.mkdir()
+    copied = [a.split()[:-1] for w, a in dockerfile_instructions() if w == "COPY" and not a.startswith("--")]
+    for names in copied:
+        for name in names:
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+            elif (ROOT / name).is_file() and name.startswith(("pyproject", "setup", "README")):
+                shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "--wheel-dir", str(tmp_path / "wheels"), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheels").glob("uffdd-*.whl")
+    out = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], check=True, capture_output=True,
+                         text=True).stdout
+    assert re.search(r"uffdd/kernel/_fastpath\.cpython-[^ ]+\.so", out), out
