@@ -61,6 +61,7 @@ def test_check_json_reports_usable_with_each_memory_type_and_event() -> None:
     assert checks["balloon / MADV_DONTNEED (REMOVE events)"]["ok"] is True
     assert checks["poisoned pages (UFFDIO_POISON)"]["ok"] is True
     assert checks["feature MINOR_SHMEM"]["ok"] is True
+    assert checks["C fast path"]["ok"] is True and checks["C fast path"]["required"] is False
     assert all(c["ok"] for c in report["checks"] if c["required"])
 
 

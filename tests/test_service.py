@@ -26,6 +26,34 @@ def _vmm(d: DaemonProcess, snapshot: Path, **kw: Any) -> dict[str, Any]:
     return VmmProcess(spec).result(90)
 
 
+def test_daemon_built_without_the_c_fast_path_serves_every_page_in_python(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
+    """What a host without a C compiler gets: `uffdd check` says so, and faults are served."""
+    blocker = tmp_path / "no-fastpath"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoFastPath:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'uffdd.kernel._fastpath':\n"
+        "            raise ImportError('not built')\n"
+        "sys.meta_path.insert(0, _NoFastPath())\n")
+    env = {"PYTHONPATH": str(blocker)}
+    check = subprocess.run([sys.executable, "-m", "uffdd", "check", "--json"], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, **env})
+    row = next(c for c in json.loads(check.stdout)["checks"] if c["name"] == "C fast path")
+    assert row["ok"] is False and "not built" in row["detail"]
+    assert check.returncode == 0  # optional: the daemon works without it
+    d = daemon_process(extra_env=env, session={"fault_around": 0, "prefetch": {"enabled": False}})
+    res = _vmm(d, snapshot_4k)
+    assert res["wrong_pages"] == 0 and res["returncode"] == 0
+    assert d.stop(signal.SIGTERM) == 0
+    start = next(e for e in d.log_lines() if e["event"] == "session_start")
+    assert start["native"] is False
+    end = next(e for e in d.log_lines() if e["event"] == "session_end")
+    assert end["pages_filled"] == end["pages_total"] == 1024 and end["fills_inline"] > 0
+
+
 def test_daemon_process_serves_a_guest_logs_one_line_per_session_and_exits_0_on_sigterm(
         daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path) -> None:
     d = daemon_process()
