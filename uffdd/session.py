@@ -46,13 +46,13 @@ from uffdd.kernel import (
 )
 from uffdd.kernel.errors import classify
 from uffdd.kernel.uffd import supported_features
+from uffdd.pagestate import EMPTY, FILLED, FILLING, INSTALLING, REMOVED, UNMAPPED, PageStates
+from uffdd.sources import PageSource
 
 try:
     from uffdd.kernel._fastpath import FastPath
 except ImportError:  # built without a C compiler: Session._on_fault does the same in Python
     FastPath = None  # type: ignore[assignment,misc]
-from uffdd.pagestate import EMPTY, FILLED, FILLING, INSTALLING, REMOVED, UNMAPPED, PageStates
-from uffdd.sources import PageSource
 
 log = structlog.get_logger("uffdd.session")
 
