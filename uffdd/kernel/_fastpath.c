@@ -108,6 +108,11 @@ static PyObject *FastPath_set_regions(FastPath *self, PyObject *arg)
 
 	if (!seq)
 		return NULL;
+	if (!self->have_mapping) {
+		Py_DECREF(seq);
+		PyErr_SetString(PyExc_ValueError, "fast path is closed");
+		return NULL;
+	}
 	n = PySequence_Fast_GET_SIZE(seq);
 	table = PyMem_Calloc(n ? (size_t)n : 1, sizeof(*table));
 	if (!table) {
