@@ -92,7 +92,10 @@ def become_worker(index: int, *, pin: bool) -> None:
     structlog.contextvars.bind_contextvars(worker=index)
     if pin:
         cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+        try:
+            os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+        except OSError as exc:  # e.g. the CPU left our cpuset meanwhile: serve unpinned, not die
+            log.warning("worker_not_pinned", cpu=cpus[index % len(cpus)], error=str(exc))
 
 
 class WorkerListener(Listener):
