@@ -13,6 +13,8 @@ guest) faults on the same daemon; the light guest's own p99 fault latency is com
 
 Background pre-paging is off, so that every page is served because a guest touched it.
 Fault-around is the daemon's default (64 KiB); ``--fault-around 0`` makes every page one fault.
+Both daemons run at the niceness the shipped unit file gives the service (``Nice=`` in
+configs/uffdd.service); ``--nice 0`` runs them as an unconfigured process would.
 
     ./scripts/bench_workers.py [--guests 8] [--threads 4] [--size 32M] [--rounds 5] [--fault-around 65536]
 """
@@ -115,13 +117,23 @@ def light_p99(sock: Path, snap: Path, size: int, heavy: tuple[int, int] | None, 
     return float(res["p99_us"])
 
 
-def start_daemon(work: Path, snap: Path, workers: int, fault_around: int) -> tuple[subprocess.Popen[bytes], Path]:
+def unit_nice() -> int:
+    """The Nice= of configs/uffdd.service (0 if it sets none)."""
+    for line in (ROOT / "configs" / "uffdd.service").read_text().splitlines():
+        if line.startswith("Nice="):
+            return int(line.split("=", 1)[1])
+    return 0
+
+
+def start_daemon(work: Path, snap: Path, workers: int, fault_around: int,
+                 nice: int) -> tuple[subprocess.Popen[bytes], Path]:
     sock = work / f"w{workers}.sock"
     cfg = work / f"w{workers}.yaml"
     cfg.write_text(f"listen: {sock}\nsources: {{default: {{kind: file, path: {snap}}}}}\n"
                    f"log: {{format: json, level: warning}}\nworkers: {workers}\n"
                    f"session: {{fault_around: {fault_around}, prefetch: {{enabled: false}}, replay: false}}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)])
+    proc = subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)],
+                            preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, nice))
     ctl = work / f"w{workers}.ctl"
     deadline = time.monotonic() + 20
     while True:  # the parent answers once its workers have started; give them a moment to listen
@@ -146,6 +158,7 @@ def main() -> int:
     ap.add_argument("--light-size", default="8M")
     ap.add_argument("--heavy-size", default="256M")
     ap.add_argument("--fault-around", type=int, default=65536, help="bytes; 0: one page per fault")
+    ap.add_argument("--nice", type=int, default=unit_nice(), help="the daemons' niceness (default: the unit's)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
     size, light, heavy = parse_size(args.size), parse_size(args.light_size), parse_size(args.heavy_size)
@@ -157,7 +170,7 @@ def main() -> int:
         with open(snap, "wb") as fh:
             fh.write(os.urandom(max(size, light, heavy)))
         snap.read_bytes()  # in page cache
-        daemons = {n: start_daemon(work, snap, n, args.fault_around) for n in (1, 2)}
+        daemons = {n: start_daemon(work, snap, n, args.fault_around, args.nice) for n in (1, 2)}
         tput: dict[int, list[float]] = {1: [], 2: []}
         walls: dict[int, list[float]] = {1: [], 2: []}
         cpus: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
@@ -188,7 +201,7 @@ def main() -> int:
     pmed = {k: statistics.median(v) for k, v in p99.items()}
     summary = {
         "guests": args.guests, "threads": args.threads, "size": size, "rounds": args.rounds, "cpus": os.cpu_count(),
-        "fault_around": args.fault_around,
+        "fault_around": args.fault_around, "nice": args.nice,
         "pages_per_s_w1": round(med[1]), "pages_per_s_w2": round(med[2]), "speedup": round(med[2] / med[1], 3),
         "per_round": {f"w{n}": [round(x) for x in v] for n, v in tput.items()},
         "wall_pages_per_s_w1": round(wmed[1]), "wall_pages_per_s_w2": round(wmed[2]),
@@ -202,7 +215,7 @@ def main() -> int:
         print(json.dumps(summary))
         return 0
     print(f"{args.guests} guests x {args.threads} threads x {args.size}, {args.rounds} alternating rounds, "
-          f"{os.cpu_count()} CPUs, fault_around {args.fault_around}")
+          f"{os.cpu_count()} CPUs, fault_around {args.fault_around}, daemons at nice {args.nice}")
     for n in (1, 2):
         print(f"workers: {n}  pages/s first touch to last (median) {med[n]:>10,.0f}   "
               f"per round {summary['per_round'][f'w{n}']}")  # type: ignore[index]
