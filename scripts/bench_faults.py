@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from uffdd.cli import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
 
@@ -49,11 +51,15 @@ def start_daemon(work: Path, snap: Path, name: str, native: bool) -> tuple[subpr
 
 
 def cpu_ns(pid: int) -> int:
-    """CPU time a process's threads have used so far (first field of schedstat, in ns)."""
+    """CPU time used so far by a process, its threads and its child processes (a daemon's
+    workers), in ns: the first field of each thread's schedstat."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-            total += int(fh.read().split()[0])
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
+                total += sum(cpu_ns(int(c)) for c in fh.read().split())
     return total
 
 
@@ -80,8 +86,7 @@ def main() -> int:
     ap.add_argument("--page-size", type=int, default=4096)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
-    size = int(args.size[:-1]) << {"K": 10, "M": 20, "G": 30}[args.size[-1].upper()] \
-        if args.size[-1].isalpha() else int(args.size)
+    size = parse_size(args.size)
 
     subprocess.run(["make", "-s", "-C", str(BENCH)], check=True)
     with tempfile.TemporaryDirectory(prefix="uffdd-bench-", dir="/var/tmp") as tmp:

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from uffdd import logs  # noqa: E402
+from uffdd.cli import parse_size  # noqa: E402
 from uffdd.config import parse_config  # noqa: E402
 from uffdd.peer.client import ClientOptions, PeerClient  # noqa: E402
 from uffdd.peer.testing import ServeProcess  # noqa: E402
@@ -60,12 +61,6 @@ with open(sys.argv[1], "rb") as f:
     c.sendfile(f)
 c.close()
 """
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper()
-    return int(t[:-1]) * units[t[-1]] if t[-1] in units else int(t)
 
 
 def plain_tcp(snap: Path, dest: memoryview) -> float:

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from uffdd import logs, workingset  # noqa: E402
+from uffdd.cli import parse_size  # noqa: E402
 from uffdd.config import parse_config  # noqa: E402
 from uffdd.service.listener import Listener  # noqa: E402
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot  # noqa: E402
@@ -46,10 +47,6 @@ def memcpy_gbps(size: int = 256 << 20, rounds: int = 5) -> float:
         memoryview(dst)[:] = src
         best = min(best, time.perf_counter() - t)
     return size / best / 1e9
-
-
-def parse_size(text: str) -> int:
-    return int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1].upper()] if text[-1].isalpha() else int(text)
 
 
 async def run_session(work: Path, snap: Path, spec_kw: dict[str, Any], session: dict[str, Any]) -> tuple[

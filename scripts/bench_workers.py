@@ -22,7 +22,6 @@ configs/uffdd.service); ``--nice 0`` runs them as an unconfigured process would.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -33,16 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_faults import cpu_ns
+
+from uffdd.cli import parse_size
 from uffdd.service.control import query
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench"
 GUEST = BENCH / "build" / "guest"
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 10, "M": 20, "G": 30}
-    return int(text[:-1]) << units[text[-1].upper()] if text[-1].isalpha() else int(text)
 
 
 def start_guest(sock: Path, snap: Path, size: int, threads: int, seed: int) -> subprocess.Popen[bytes]:
@@ -61,18 +58,6 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> dict[str, Any
     return res
 
 
-def tree_cpu_ns(pid: int) -> int:
-    """CPU time used so far by a process, its threads and its child processes (the workers)."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                total += int(fh.read().split()[0])
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as fh:
-                total += sum(tree_cpu_ns(int(c)) for c in fh.read().split())
-    return total
-
-
 def idle_s() -> float:
     """Idle time of all CPUs so far, in seconds (/proc/stat)."""
     with open("/proc/stat") as fh:
@@ -85,7 +70,7 @@ def throughput_round(sock: Path, snap: Path, guests: int, size: int, threads: in
     """(all pages / first touch to last touch over all guests, all pages / wall time including
     the guests' start and page check, the daemon's CPUs busy and all CPUs idle on average over
     the wall time)."""
-    cpu0, idle0 = tree_cpu_ns(daemon_pid), idle_s()
+    cpu0, idle0 = cpu_ns(daemon_pid), idle_s()
     t0 = time.monotonic()
     procs = [start_guest(sock, snap, size, threads, seed + i) for i in range(guests)]
     try:
@@ -95,7 +80,7 @@ def throughput_round(sock: Path, snap: Path, guests: int, size: int, threads: in
             if p.poll() is None:
                 p.kill()
     wall = time.monotonic() - t0
-    daemon_cpus = (tree_cpu_ns(daemon_pid) - cpu0) / 1e9 / wall
+    daemon_cpus = (cpu_ns(daemon_pid) - cpu0) / 1e9 / wall
     idle_cpus = (idle_s() - idle0) / wall
     pages = sum(r["pages"] for r in res)
     touching = (max(r["last_touch_ns"] for r in res) - min(r["first_touch_ns"] for r in res)) / 1e9

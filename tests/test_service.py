@@ -39,8 +39,7 @@ def test_daemon_built_without_the_c_fast_path_serves_every_page_in_python(
         "            raise ImportError('not built')\n"
         "sys.meta_path.insert(0, _NoFastPath())\n")
     env = {"PYTHONPATH": str(blocker)}
-    check = subprocess.run([sys.executable, "-m", "uffdd", "check", "--json"], capture_output=True, text=True,
-                           timeout=60, env={**os.environ, **env})
+    check = _uffdd("check", "--json", env=env)
     row = next(c for c in json.loads(check.stdout)["checks"] if c["name"] == "C fast path")
     assert row["ok"] is False and "not built" in row["detail"]
     assert check.returncode == 0  # optional: the daemon works without it
@@ -145,9 +144,9 @@ def test_sigterm_waits_for_a_live_session_and_a_second_one_ends_it(
         vmm.kill()
 
 
-def _uffdd(*args: str) -> subprocess.CompletedProcess[str]:
+def _uffdd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "uffdd", *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "COLUMNS": "200"})
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
 def test_status_prints_the_live_sessions_from_the_control_socket(

@@ -11,7 +11,8 @@ from uffdd import __version__
 from uffdd.errors import ConfigError
 
 
-def _parse_size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """"256M", "2G", "4KiB", "4096" -> bytes; an argparse type (the benchmarks use it too)."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     mult = units.get(t[-1:], 1)
@@ -197,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_check)
     d = sub.add_parser("demo", help="restore a stand-in guest from a generated snapshot, end to end")
-    d.add_argument("--size", type=_parse_size, default=256 << 20, help="guest memory (default 256M)")
-    d.add_argument("--page-size", type=_parse_size, default=4096, help="4K (shmem) or 2M (hugetlbfs)")
+    d.add_argument("--size", type=parse_size, default=256 << 20, help="guest memory (default 256M)")
+    d.add_argument("--page-size", type=parse_size, default=4096, help="4K (shmem) or 2M (hugetlbfs)")
     d.add_argument("--threads", type=int, default=4, help="faulting vCPU threads (default 4)")
     d.add_argument("--regions", type=int, default=2, help="memory regions (default 2)")
     d.add_argument("--prepopulate", type=float, default=0.05,

@@ -560,11 +560,14 @@ class Session:
                         self._on_event(UffdMsg(event, a0, a1, a2))
                 if n < size or self._closed:
                     return
-        except GuestGone as exc:
-            self._fail(exc)
         except KernelError as exc:
+            self._read_failed(exc)
+
+    def _read_failed(self, exc: KernelError) -> None:
+        """The fault loop cannot go on: a guest that is gone ends quietly, anything else loudly."""
+        if not isinstance(exc, GuestGone):
             self._log.error("uffd_read_failed", error=str(exc))
-            self._fail(exc)
+        self._fail(exc)
 
     def _drain_native(self, native: FastPath) -> None:
         """_on_readable with the C fast path: it reads and serves; the messages it leaves
@@ -587,10 +590,8 @@ class Session:
                 if count < MAX_BATCH or self._closed or self._native is not native:
                     break
         except OSError as exc:  # KernelError as in _on_readable, or drain's own read(2)
-            err = exc if isinstance(exc, KernelError) else classify("read(userfaultfd)", exc.errno or errno.EIO)
-            if not isinstance(err, GuestGone):
-                self._log.error("uffd_read_failed", error=str(err))
-            self._fail(err)
+            self._read_failed(exc if isinstance(exc, KernelError)
+                              else classify("read(userfaultfd)", exc.errno or errno.EIO))
         finally:
             self._fold_native(native)
 

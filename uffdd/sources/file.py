@@ -98,10 +98,10 @@ class FileSource(PageSource):
                 return False
         except OSError as exc:
             if exc.errno == errno.EOPNOTSUPP and self._nowait:
-                # tmpfs (/dev/shm) refuses RWF_NOWAIT, but its reads never wait for a disk: read
-                # inline without the flag. Anywhere else, stop asking and use the thread pool.
-                self._nowait = 0 if _fs_type(self._fd) in _MEMORY_FS else None
-                return self.fill_nowait(offset, dest)
+                # Files in memory were read without the flag from the start (__init__); this
+                # file system cannot say "would block": stop asking and use the thread pool.
+                self._nowait = None
+                return False
             return False  # let fill() raise the real error with context
         return n == len(dest)
 
