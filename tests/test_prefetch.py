@@ -12,10 +12,10 @@ import structlog
 
 from tests.conftest import HUGE, Daemon, make_config, running_daemon
 from tests.test_session import assert_all_correct
-from uffdd import workingset
+from uffdd.core import workingset
 from uffdd.sources import BUILTIN_SOURCES
 from uffdd.sources.base import PageSource, SourceConfig
-from uffdd.sources.file import FileSource, FileSourceConfig
+from uffdd.sources.file import FileSource, FileSourceConfig, record_path_for
 
 MIB = 1 << 20
 PREFETCH_ON = {"fault_around": 0, "prefetch": {"enabled": True}}
@@ -123,7 +123,7 @@ async def test_recorded_working_set_is_replayed_and_cuts_faults(tmp_path: Path, 
         assert_all_correct(await d.run_vmm(**workload))
         await d.wait_idle()
         faults_recording = d.listener.ended_totals.fault_msgs
-    record = workingset.default_path(snap)
+    record = record_path_for(snap)
     pages = workingset.parse(Path(record).read_bytes(), source_size=snap.stat().st_size, page_size=4096)
     assert len(pages) == faults_recording == int(4096 * 0.1)
 
@@ -148,7 +148,7 @@ async def test_corrupt_or_stale_record_is_ignored_with_a_warning(
     bad = {"garbage": b"\x00not a record at all",
            "stale-size": workingset.encode([1, 2, 3], source_size=snap.stat().st_size * 2, page_size=4096),
            "truncated": good[:-2]}[damage]
-    Path(workingset.default_path(snap)).write_bytes(bad)
+    Path(record_path_for(snap)).write_bytes(bad)
     cfg = make_config(tmp_path, snap, session=session_cfg(replay=True))
     with structlog.testing.capture_logs() as logs:
         async with running_daemon(cfg, snap) as d:

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import FAULT_PATHS, HUGE, Daemon, core_session, make_config, running_daemon
 from tests.flaky import FlakySource
 from uffdd.sources import BUILTIN_SOURCES
+from uffdd.testing.waiting import eventually
 
 MIB = 1 << 20
 
@@ -325,17 +326,15 @@ async def test_snapshot_pages_evicted_from_page_cache_get_exact_bytes(
 @pytest.mark.parametrize("native", [True, False], ids=["native-on", "native-off"])
 async def test_session_uses_the_c_fast_path_unless_configured_off(
         tmp_path: Path, snapshot_4k: Path, native: bool) -> None:
-    from uffdd.kernel import _fastpath  # noqa: F401 - ./scripts/test builds it; its absence is a failure here
+    from uffdd.core import _fastpath  # noqa: F401 - ./scripts/test builds it; its absence is a failure here
 
     cfg = make_config(tmp_path, snapshot_4k, session={"fault_around": 0, "native": native})
     async with running_daemon(cfg, snapshot_4k) as d:
         vmm = d.start_vmm(region_sizes=[16 * MIB], threads=2, start_delay=1.0)
-        for _ in range(500):
-            if any(s._loop is not None for s in d.listener.sessions.values()):
-                break  # started: the fault path is chosen
-            await asyncio.sleep(0.01)
+        await eventually(lambda: any(s.started for s in d.listener.sessions.values()),
+                         what="the session started (its fault path is chosen)")
         (session,) = d.listener.sessions.values()
-        assert (session._native is not None) is native
+        assert session.fault_path == ("c" if native else "python")
         res = await asyncio.to_thread(vmm.result, 60)
         assert_all_correct(res)
         await d.wait_idle()

@@ -88,13 +88,12 @@ def _try_register(kind: str) -> Check:
 
 
 def _fast_path() -> Check:
-    try:
-        import uffdd.kernel._fastpath  # noqa: F401
-    except ImportError as exc:
-        return Check("C fast path", False, f"not built ({exc}): single-page faults are served by the same path in "
-                     "Python (15-30% fewer faults/s in scripts/bench_faults.py); reinstall with a C "
-                     "compiler present", required=False)
-    return Check("C fast path", True, "built: single-page faults from a file source are served in C",
+    from uffdd.core.native import STATUS, native_available
+
+    if not native_available():
+        return Check("C fast path", False, f"{STATUS}: faults are served by the same path in Python (fewer "
+                     "faults/s, see scripts/bench_faults.py); reinstall with a C compiler present", required=False)
+    return Check("C fast path", True, "built: demand faults (with fault-around) from a file source are served in C",
                  required=False)
 
 
