@@ -24,8 +24,10 @@ import yaml
 
 from uffdd import logs
 from uffdd.config import Config, parse_config
+from uffdd.core import Session
 from uffdd.service.listener import Listener
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot
+from uffdd.testing.waiting import eventually
 
 HUGE = 2 << 20
 logs.configure("json", "warning")
@@ -95,6 +97,13 @@ class Daemon:
     async def run_vmm(self, timeout: float = 90, **kw: Any) -> dict[str, Any]:
         vmm = self.start_vmm(**kw)
         return await asyncio.to_thread(vmm.result, timeout)
+
+    async def session(self) -> Session:
+        """The first live session, once there is one."""
+        found = await eventually(lambda: next(iter(self.listener.sessions.values()), None),
+                                 what="a session started")
+        assert found is not None
+        return found
 
     async def wait_idle(self, timeout: float = 10) -> None:
         """Wait until every session has ended and been released."""

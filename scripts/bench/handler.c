@@ -7,8 +7,14 @@
  * fault by pread()ing the page from the snapshot into that second mapping and issuing
  * UFFDIO_CONTINUE. EOF on the connection ends the session.
  *
+ * With --fault-around BYTES it does what uffdd's fault-around does: a fault on a page not yet
+ * filled fills the pages around it that are not filled either, within the aligned block of
+ * BYTES, with one pread() and one UFFDIO_CONTINUE; a fault on a page already filled (a stale
+ * message: the thread was woken by the CONTINUE that mapped it) is answered with CONTINUE,
+ * which says EEXIST, and UFFDIO_WAKE, as uffdd answers it.
+ *
  * Build:  gcc -O2 -Wall -Wextra -o build/handler handler.c   (or: make)
- * Usage:  handler --socket PATH --snapshot FILE
+ * Usage:  handler --socket PATH --snapshot FILE [--fault-around BYTES]
  *
  * Output: {"faults":F} on stdout when the VMM disconnects; exit status 0.
  * Any failure is reported on stderr (and, during the handshake, as a one-line JSON error to
@@ -290,8 +296,26 @@ static int map_page(int uffd, uint64_t addr, uint64_t len)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: handler --socket PATH --snapshot FILE\n");
+	fprintf(stderr, "usage: handler --socket PATH --snapshot FILE [--fault-around BYTES]\n");
 	exit(2);
+}
+
+/* Serve one fault with fault-around (see the header comment). Returns 0 when the guest is gone. */
+static int serve_block(int snap, int uffd, char *shadow, const struct region *r, uint8_t *filled,
+		       uint64_t block, uint64_t addr)
+{
+	uint64_t ps = r->page_size, npages = r->size / ps, idx = (addr - r->base) / ps;
+	uint64_t lo = idx, hi = idx + 1, b0 = idx - idx % block, b1 = b0 + block < npages ? b0 + block : npages;
+
+	if (filled[idx])
+		return map_page(uffd, addr, ps);
+	while (lo > b0 && !filled[lo - 1])
+		lo--;
+	while (hi < b1 && !filled[hi])
+		hi++;
+	fill_page(snap, shadow + r->offset + lo * ps, (hi - lo) * ps, r->offset + lo * ps);
+	memset(filled + lo, 1, hi - lo);
+	return map_page(uffd, r->base + lo * ps, (hi - lo) * ps);
 }
 
 int main(int argc, char **argv)
@@ -299,15 +323,18 @@ int main(int argc, char **argv)
 	static const struct option opts[] = {
 		{ "socket", required_argument, NULL, 's' },
 		{ "snapshot", required_argument, NULL, 'f' },
+		{ "fault-around", required_argument, NULL, 'a' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *sock_path = NULL, *snap_path = NULL;
+	uint64_t fault_around = 0;
 	int opt;
 
 	while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's': sock_path = optarg; break;
 		case 'f': snap_path = optarg; break;
+		case 'a': fault_around = strtoull(optarg, NULL, 0); break;
 		default: usage();
 		}
 	}
@@ -358,6 +385,10 @@ int main(int argc, char **argv)
 	char *shadow = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
 	if (shadow == MAP_FAILED)
 		die("mmap memfd");
+	uint64_t block = fault_around / r.page_size;
+	uint8_t *filled = block > 1 ? calloc(r.size / r.page_size, 1) : NULL;
+	if (block > 1 && !filled)
+		die("calloc");
 
 	static const char ready[] = "{\"status\":\"ready\"}\n";
 	if (write(conn, ready, sizeof(ready) - 1) != (ssize_t)(sizeof(ready) - 1))
@@ -393,8 +424,13 @@ int main(int argc, char **argv)
 				}
 				uint64_t off = r.offset + (addr - r.base);
 
-				fill_page(snap, shadow + off, r.page_size, off);
 				faults++;
+				if (filled) {
+					if (!serve_block(snap, uffd, shadow, &r, filled, block, addr))
+						goto done;
+					continue;
+				}
+				fill_page(snap, shadow + off, r.page_size, off);
 				if (!map_page(uffd, addr, r.page_size))
 					goto done; /* the guest is gone */
 			}
@@ -413,6 +449,7 @@ int main(int argc, char **argv)
 done:
 	printf("{\"faults\":%" PRIu64 "}\n", faults);
 	fflush(stdout);
+	free(filled);
 	munmap(shadow, (size_t)st.st_size);
 	close(conn);
 	close(uffd);

@@ -15,7 +15,11 @@ from collections.abc import Iterator
 
 from uffdd.handshake import RegionSpec
 
-_EMPTY_VIEW = memoryview(b"")
+
+
+def _no_mem() -> memoryview:
+    """A region of anonymous memory has no second mapping (each its own view: views get released)."""
+    return memoryview(b"")
 
 
 class Region:
@@ -24,7 +28,7 @@ class Region:
     __slots__ = ("base", "end", "index", "mem", "npages", "offset", "page_size", "retired", "shift", "start",
                  "state")
 
-    def __init__(self, spec: RegionSpec, state: memoryview, base: int, mem: memoryview = _EMPTY_VIEW) -> None:
+    def __init__(self, spec: RegionSpec, state: memoryview, base: int, mem: memoryview | None = None) -> None:
         self.start = spec.start
         self.end = spec.end
         self.offset = spec.offset
@@ -36,7 +40,7 @@ class Region:
         """This region's slice of the session's page states, one byte per page."""
         self.base = base
         """Global index of this region's first page (its position in the page states)."""
-        self.mem = mem
+        self.mem = mem if mem is not None else _no_mem()
         """This region's slice of the second mapping (empty for anonymous memory)."""
         self.index = 0
         """Position in :attr:`RegionMap.regions` (renumbered when regions split)."""
@@ -70,7 +74,7 @@ class RegionMap:
         self.regions: list[Region] = []
         base = 0
         for i, spec in enumerate(specs):
-            mem = mems[i] if mems is not None else _EMPTY_VIEW
+            mem = mems[i] if mems is not None else None
             self.regions.append(Region(spec, states[base : base + spec.pages], base, mem))
             base += spec.pages
         if base > len(states):
@@ -174,7 +178,7 @@ class RegionMap:
         pieces = []
         for a, b in itertools.pairwise(bounds):
             spec = RegionSpec(r.start + (a << r.shift), (b - a) << r.shift, r.offset + (a << r.shift), r.page_size)
-            mem = r.mem[a << r.shift : b << r.shift] if len(r.mem) else _EMPTY_VIEW
+            mem = r.mem[a << r.shift : b << r.shift] if len(r.mem) else None
             pieces.append(Region(spec, r.state[a:b], r.base + a, mem))
         r.retired = True
         self._retired.append(r)
