@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from uffdd.handshake import RegionSpec
 
 
-
 def _no_mem() -> memoryview:
     """A region of anonymous memory has no second mapping (each its own view: views get released)."""
     return memoryview(b"")
