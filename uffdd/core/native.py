@@ -21,8 +21,11 @@ from uffdd.core.stats import LAT_BUCKETS
 if TYPE_CHECKING:
     from uffdd.core._fastpath import FastPath
 
+COUNTERS = ("fault_msgs", "minor_faults", "fills_inline", "pages_filled", "pages_demand", "pages_fault_around",
+            "bytes_filled", "blocked_ns", "already_mapped")
+"""What take() returns, in order (before the latest demand fault's region and page)."""
 _SHARED = {"EMPTY": EMPTY, "FILLING": FILLING, "INSTALLING": INSTALLING, "FILLED": FILLED,
-           "HIST_BUCKETS": LAT_BUCKETS}
+           "HIST_BUCKETS": LAT_BUCKETS, "COUNTERS": COUNTERS}
 
 
 def _load() -> tuple[ModuleType | None, str]:
@@ -54,19 +57,16 @@ class NativePath:
         stats = guest.stats
         self._fp: FastPath = _module.FastPath(guest.uffd.fileno(), src_fd, rwf, fa_pages, guest.states.view,
                                     stats.latency_log2_us, stats.blocked_ns_by_tid)
-        self._counters: tuple[str, ...] = _module.COUNTERS
+        self.drain = self._fp.drain
+        """drain(buf) -> None, or (first message left for Python, messages in buf, t0)."""
+        self.serve = self._fp.serve
+        """serve(buf, start, end, t0) -> index of the first message left for Python."""
         self.set_regions()
 
     def set_regions(self) -> None:
         """Tell the C side the regions as they are now (after a move or split too)."""
         self.fold()  # its last fault's position refers to the table it has now
         self._fp.set_regions([(r.start, r.end, r.shift, r.base, r.offset, r.mem) for r in self.guest.regions])
-
-    def drain(self, view: memoryview) -> tuple[int, int, int] | None:
-        return self._fp.drain(view)
-
-    def serve(self, view: memoryview, start: int, end: int, t0: int) -> int:
-        return self._fp.serve(view, start, end, t0)
 
     def failed_run(self) -> tuple[Region, int, int] | None:
         """The INSTALLING run whose CONTINUE the kernel refused, for the message last returned."""
@@ -78,13 +78,20 @@ class NativePath:
 
     def fold(self) -> None:
         """Add what the C path did since the last call to the session's counters."""
-        *counts, pos, idx = self._fp.take()
-        if not counts[0]:
+        faults, minor, inline, pages, demand, around, nbytes, ns, already, pos, idx = self._fp.take()
+        if not faults:
             return
-        stats = self.guest.stats
-        for name, n in zip(self._counters, counts, strict=True):
-            setattr(stats, name, getattr(stats, name) + n)
-        if counts[3]:  # pages filled: a demand fault was served
+        stats = self.guest.stats  # the names and order of COUNTERS, checked at import
+        stats.fault_msgs += faults
+        stats.minor_faults += minor
+        stats.fills_inline += inline
+        stats.pages_filled += pages
+        stats.pages_demand += demand
+        stats.pages_fault_around += around
+        stats.bytes_filled += nbytes
+        stats.blocked_ns += ns
+        stats.already_mapped += already
+        if pages:  # a demand fault was served: pre-paging goes on from there
             self.guest.cursor = (self.guest.regions.regions[pos], idx)
         if stats.pages_filled >= stats.pages_total:
             self.guest.on_all_filled()
@@ -94,4 +101,4 @@ class NativePath:
         self._fp.close()
 
 
-__all__ = ["STATUS", "NativePath", "native_available"]
+__all__ = ["COUNTERS", "STATUS", "NativePath", "native_available"]
