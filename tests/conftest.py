@@ -83,6 +83,8 @@ class Daemon:
     socket: str
     snapshot: Path
     vmms: list[VmmProcess] = field(default_factory=list)
+    seen: dict[str, Session] = field(default_factory=dict)
+    """Every session started, kept after it ended (the listener tells on each change)."""
 
     def spec(self, **kw: Any) -> VmmSpec:
         base = VmmSpec(socket=self.socket, snapshot=str(self.snapshot), region_sizes=[8 << 20], threads=4,
@@ -99,9 +101,8 @@ class Daemon:
         return await asyncio.to_thread(vmm.result, timeout)
 
     async def session(self) -> Session:
-        """The first live session, once there is one."""
-        found = await eventually(lambda: next(iter(self.listener.sessions.values()), None),
-                                 what="a session started")
+        """The first session this daemon started (live or ended), once there is one."""
+        found = await eventually(lambda: next(iter(self.seen.values()), None), what="a session started")
         assert found is not None
         return found
 
@@ -130,8 +131,9 @@ def make_config(tmp_path: Path, snapshot: Path, **extra: Any) -> Config:
 @contextlib.asynccontextmanager
 async def running_daemon(config: Config, snapshot: Path) -> AsyncIterator[Daemon]:
     listener = Listener(config)
-    await listener.start()
     d = Daemon(listener=listener, socket=config.listen, snapshot=snapshot)
+    listener.on_change = lambda: d.seen.update(listener.sessions)
+    await listener.start()
     try:
         yield d
     finally:

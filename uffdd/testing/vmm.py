@@ -378,15 +378,20 @@ def _pages_present(base: int, size: int, ps: int) -> int:
     return present
 
 
-def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: list[int]) -> dict[str, object]:
-    sock.settimeout(spec.wait_complete)
-    events: list[dict[str, object]] = []
+def _next_line(lines: Any, sock: socket.socket, timeout: float) -> list[dict[str, object]]:
+    """The daemon's next line on the VMM socket, if one comes within ``timeout``."""
+    sock.settimeout(timeout)
     try:
         line = lines.readline()
-        if line:
-            events.append(json.loads(line))
+        return [json.loads(line)] if line else []
     except (TimeoutError, OSError):
-        pass
+        return []
+    finally:
+        sock.settimeout(None)
+
+
+def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: list[int]) -> dict[str, object]:
+    events = _next_line(lines, sock, spec.wait_complete)
     present = sum(_pages_present(b, s, spec.page_size) for b, s in zip(bases, spec.region_sizes, strict=True))
     # Registering the ranges on a fresh userfaultfd only works once uffdd has unregistered them.
     unregistered = True
@@ -398,15 +403,11 @@ def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: lis
                 probe.unregister(b, s)
             except OSError:
                 unregistered = False
-    # Any further line would be a second "complete": look briefly.
-    sock.settimeout(0.3)
-    try:
-        line = lines.readline()
-        if line:
-            events.append(json.loads(line))
-    except (TimeoutError, OSError):
-        pass
-    sock.settimeout(None)
+    # Hang up and read what the daemon still says until it closes its end: any further line
+    # would be a second "complete".
+    sock.shutdown(socket.SHUT_WR)
+    while more := _next_line(lines, sock, 10):
+        events += more
     return {"events": events, "present_before_touch": present, "unregistered": unregistered}
 
 
