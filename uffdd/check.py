@@ -87,6 +87,16 @@ def _try_register(kind: str) -> Check:
             os.close(fd)
 
 
+def _memguard() -> Check:
+    from uffdd.kernel.memory import MEMGUARD
+
+    if MEMGUARD != "built":
+        return Check("guarded copies", False, "not built: copies into guest memory go through a pipe (twice the "
+                     "work); reinstall with a C compiler present", required=False)
+    return Check("guarded copies", True, "built: a VMM that shrinks its memory file ends its own session, "
+                 "never the daemon", required=False)
+
+
 def _fast_path() -> Check:
     from uffdd.core.native import STATUS, native_available
 
@@ -148,6 +158,7 @@ def run_checks() -> list[Check]:
         + ("" if priv else " (faults raised by KVM from kernel mode need CAP_SYS_PTRACE or the sysctl)"),
         required=False))
     checks.append(_fast_path())
+    checks.append(_memguard())
     checks.append(_unprivileged_vmms())
     opened = False
     vias: tuple[Literal["syscall", "device"], ...] = ("syscall", "device")

@@ -17,6 +17,7 @@ this module fetches them and hands complete runs to :meth:`Guest.install_run`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import mmap
 import os
 from collections.abc import Awaitable, Callable
@@ -28,8 +29,8 @@ import structlog
 from uffdd.core.pagestate import PageStates
 from uffdd.core.regions import Region, RegionMap, Run
 from uffdd.core.stats import SessionStats, Wait
-from uffdd.errors import PagePoisoned, SourceError
-from uffdd.kernel.memory import PrivateBuffer, populate
+from uffdd.errors import GuestMemoryGone, PagePoisoned, SourceError
+from uffdd.kernel.memory import PrivateBuffer, copy_into, populate
 from uffdd.sources import PageSource
 
 
@@ -60,6 +61,10 @@ class PrefetchHost(Protocol):
 
     def poison_run(self, region: Region, lo: int, n: int, exc: PagePoisoned, wait: Wait | None,
                    refill: Refill) -> None: ...
+
+    def gone_unless_covered(self, region: Region, lo: int, n: int) -> bool: ...
+
+    def covers(self, region: Region, lo: int, n: int) -> bool: ...
 
 
 class _InFlight:
@@ -98,28 +103,40 @@ class BulkFetcher:
 
     async def fetch(self, runs: list[Run], path: str) -> None:
         """Fill ``runs`` and install them. A source error is retried with backoff, and only
-        for what is not installed yet: an installed page is never written again."""
+        for what is not installed yet: an installed page is never written again. If the memory
+        file no longer holds a run (the VMM shrank it), the session ends."""
+        try:
+            await self._fetch(runs, path)
+        except GuestMemoryGone:
+            for r, i, n in runs:
+                if self.host.gone_unless_covered(r, i, n):
+                    return
+            raise
+
+    async def _fetch(self, runs: list[Run], path: str) -> None:
         fd = self.source.backing_fd()
         if fd is None:
             for r, i, n in runs:
                 await self._fetch_slow(r, i, n, path)
         elif self.host.anonymous:
-            await self._retrying(lambda: self._fetch_private(fd, runs, path))
+            await self._retrying(lambda: self._fetch_private(fd, runs, path), runs)
         else:
             loop = asyncio.get_running_loop()
-            await self._retrying(lambda: loop.run_in_executor(self._executor(), self._copy, fd, runs))
+            await self._retrying(lambda: loop.run_in_executor(self._executor(), self._copy, fd, runs), runs)
             for r, i, n in runs:
                 self.host.install_run(r, i, n, path)
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[object]]) -> None:
+    async def _retrying(self, attempt: Callable[[], Awaitable[object]], runs: list[Run]) -> None:
         delay = 0.01
         while True:
             try:
                 await attempt()
                 return
-            except PagePoisoned:
+            except (PagePoisoned, GuestMemoryGone):
                 raise
             except (SourceError, OSError) as exc:
+                if not all(self.host.covers(r, i, n) for r, i, n in runs):
+                    raise GuestMemoryGone(str(exc)) from None
                 self.host.stats.source_errors += 1
                 self.host.log.warning("prefetch_failed", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
@@ -145,12 +162,12 @@ class BulkFetcher:
         buf = PrivateBuffer(n << r.shift)
         try:
             with buf.view[: n << r.shift] as dest:
-                await self._retrying(lambda: self.source.prefetch(r.file_offset(i), dest))
+                await self._retrying(lambda: self.source.prefetch(r.file_offset(i), dest), [])
             for p, q in run.unstolen():
                 if self.host.anonymous:
                     self.host.install_run(r, p, q - p, path, None, buf, (p - i) << r.shift)
                 else:
-                    r.mem[p << r.shift : q << r.shift] = buf.view[(p - i) << r.shift : (q - i) << r.shift]
+                    self._copy_in(r, p, q, buf.view[(p - i) << r.shift : (q - i) << r.shift])
                     self.host.install_run(r, p, q - p, path)
         except PagePoisoned as exc:
             for p, q in run.unstolen():
@@ -158,6 +175,16 @@ class BulkFetcher:
         finally:
             self._inflight.remove(run)
             buf.close()
+
+    @staticmethod
+    def _copy_in(r: Region, p: int, q: int, data: memoryview) -> None:
+        with r.mem[p << r.shift : q << r.shift] as dest:
+            try:
+                copy_into(dest, data)
+            except OSError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift) from None
 
     def steal(self, r: Region, idx: int) -> bool:
         """A demand fault hit a page claimed by background work still in flight: if that work

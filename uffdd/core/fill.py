@@ -110,6 +110,8 @@ class DemandFiller:
                 self.guest.poison_run(region, lo, n, exc, wait, self.refill)
                 return False
             except (SourceError, OSError, ValueError) as exc:
+                if self.guest.gone_unless_covered(region, lo, n):
+                    return False  # the VMM shrank the memory file: the session ends
                 self.guest.stats.source_errors += 1
                 attempt += 1
                 if attempt == 1 or attempt % 10 == 0:  # loud, but not one line per retry

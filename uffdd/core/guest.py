@@ -10,6 +10,7 @@ discarded meanwhile zeros (never the source's bytes).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import structlog
@@ -19,9 +20,9 @@ from uffdd.core.pagestate import EMPTY, FILLED, FILLING, INSTALLING, REMOVED, UN
 from uffdd.core.regions import Region, RegionMap, Run
 from uffdd.core.retry import RETRY_MIN_S, Retries, backoff
 from uffdd.core.stats import SessionStats, Wait
-from uffdd.errors import PagePoisoned
+from uffdd.errors import GuestMemoryGone, PagePoisoned
 from uffdd.handshake import Handshake
-from uffdd.kernel import GuestGone, KernelError, SecondMapping, Userfaultfd, abi
+from uffdd.kernel import KernelError, SecondMapping, Userfaultfd, abi
 from uffdd.kernel.memory import PrivateBuffer, fill_zeros
 
 DEMAND, FAULT_AROUND, PREFETCH, REPLAY = "demand", "fault_around", "prefetch", "replay"
@@ -192,9 +193,10 @@ class Guest:
         ps = region.page_size
         if not self.anonymous and not flags & abi.PAGEFAULT_FLAG_MINOR:
             try:
-                fill_zeros(region.mem[idx << region.shift : (idx + 1) << region.shift])
-            except OSError as exc:  # the memory file shrank under us: the guest is beyond help
-                self.on_gone(GuestGone("zero fill", exc.errno or 0, str(exc)))
+                with region.mem[idx << region.shift : (idx + 1) << region.shift] as dest:
+                    fill_zeros(dest)
+            except OSError:  # the memory file shrank under us: the guest is beyond help
+                self.on_gone(GuestMemoryGone.at(region.file_offset(idx), ps))
                 return
         res = self.installer.map_zeros(addr, ps)
         if res.outcome in (Outcome.RETRY, Outcome.FAILED):
@@ -257,6 +259,23 @@ class Guest:
                 if r.state[p] == FILLING:
                     r.state[p] = EMPTY
             self.installer.wake(r.addr(i), n << r.shift)
+
+    def covers(self, region: Region, lo: int, n: int) -> bool:
+        """Whether the memory file still holds pages [lo, lo+n) (a VMM may shrink it)."""
+        if self.memfd is None:
+            return True
+        try:
+            return os.fstat(self.memfd).st_size >= region.file_offset(lo) + (n << region.shift)
+        except OSError:
+            return False
+
+    def gone_unless_covered(self, region: Region, lo: int, n: int) -> bool:
+        """After a failed copy into guest memory: if the memory file no longer holds the pages,
+        end the session (True); else the failure was the source's (False)."""
+        if self.covers(region, lo, n):
+            return False
+        self.on_gone(GuestMemoryGone.at(region.file_offset(lo), n << region.shift))
+        return True
 
     # --- plumbing ----------------------------------------------------------------------------
     def later(self, key: tuple[str, int], fn: Callable[[], None], delay: float) -> None:

@@ -7,9 +7,14 @@ maps those pages into the guest.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
+import importlib
 import mmap
 import os
+import threading
+from types import ModuleType
 from typing import Final
 
 SMALL_PAGE: Final = mmap.PAGESIZE
@@ -111,3 +116,50 @@ def fill_zeros(view: memoryview) -> None:
     done = 0
     while done < len(view):
         done += os.readv(_dev_zero, [view[done:]])
+
+
+try:
+    _memguard: ModuleType | None = importlib.import_module("uffdd.kernel._memguard")
+except ImportError:  # built without a C compiler: copy_into goes through a pipe
+    _memguard = None
+
+_PIPE_SIZE = 1 << 20
+_pipe = threading.local()
+
+
+def _pipe_copy(dest: memoryview, src: memoryview) -> None:
+    """The kernel copies src into a pipe and out of it into dest: a dest that is gone is EFAULT."""
+    try:
+        r, w = _pipe.fds
+    except AttributeError:
+        r, w = _pipe.fds = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+    done = 0
+    while done < len(src):
+        n = os.write(w, src[done : done + _PIPE_SIZE])
+        got = 0
+        try:
+            while got < n:
+                got += os.readv(r, [dest[done + got : done + n]])
+        except OSError:
+            os.close(r)
+            os.close(w)
+            del _pipe.fds  # what is left in the pipe goes with it
+            raise
+        done += n
+
+
+def copy_into(dest: memoryview, src: memoryview | bytes | bytearray) -> None:
+    """Copy ``src`` into ``dest``, a slice of a second mapping of guest memory. If the memory
+    file shrank under ``dest`` (a VMM may truncate its own file) this raises OSError(EFAULT)
+    instead of the SIGBUS a plain copy would take, which would kill the daemon."""
+    if _memguard is not None:
+        _memguard.copy(dest, src)
+    else:
+        with memoryview(src) as view:
+            _pipe_copy(dest, view.cast("B"))
+
+
+MEMGUARD = "built" if _memguard is not None else "not built"
+"""Whether copy_into uses the C guard (one copy) or a pipe (two), for `uffdd check`."""
