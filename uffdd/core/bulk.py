@@ -33,6 +33,9 @@ from uffdd.errors import GuestMemoryGone, PagePoisoned, SourceError
 from uffdd.kernel.memory import PrivateBuffer, copy_into, populate
 from uffdd.sources import PageSource
 
+INSTALL_STEP = 256 << 10
+"""Bytes of background pages installed at once before the fault loop gets its turn."""
+
 
 class Refill(Protocol):
     def __call__(self, region: Region, idx: int, wait: Wait | None, /) -> None: ...
@@ -74,10 +77,12 @@ class _InFlight:
         self.region, self.lo, self.n = region, lo, n
         self.stolen: set[int] = set()
 
-    def unstolen(self) -> list[tuple[int, int]]:
-        """[p, q) runs of the pages no demand fault took over: still this work's to install."""
+    def unstolen(self, lo: int | None = None, hi: int | None = None) -> list[tuple[int, int]]:
+        """[p, q) runs of the pages (within [lo, hi), by default all) no demand fault took over:
+        still this work's to install."""
         out: list[tuple[int, int]] = []
-        p, end = self.lo, self.lo + self.n
+        p = self.lo if lo is None else lo
+        end = self.lo + self.n if hi is None else hi
         while p < end:
             if p in self.stolen:
                 p += 1
@@ -124,7 +129,18 @@ class BulkFetcher:
             loop = asyncio.get_running_loop()
             await self._retrying(lambda: loop.run_in_executor(self._executor(), self._copy, fd, runs), runs)
             for r, i, n in runs:
-                self.host.install_run(r, i, n, path)
+                await self._install_in_steps(r, i, n, path)
+
+    async def _install_in_steps(self, r: Region, i: int, n: int, path: str, buf: PrivateBuffer | None = None,
+                                off: int = 0) -> None:
+        """Install a run a step at a time, letting the fault loop run in between: a demand fault
+        never waits behind more than one step of background installs."""
+        step = max(1, INSTALL_STEP >> r.shift)
+        for p in range(i, i + n, step):
+            k = min(step, i + n - p)
+            self.host.install_run(r, p, k, path, None, buf, off + ((p - i) << r.shift))
+            if p + k < i + n:
+                await asyncio.sleep(0)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[object]], runs: list[Run]) -> None:
         delay = 0.01
@@ -149,7 +165,7 @@ class BulkFetcher:
             await asyncio.get_running_loop().run_in_executor(self._executor(), self._read, fd, runs, buf.view)
             off = 0
             for r, i, n in runs:
-                self.host.install_run(r, i, n, path, None, buf, off)
+                await self._install_in_steps(r, i, n, path, buf, off)
                 off += n << r.shift
         finally:
             buf.close()
@@ -163,12 +179,18 @@ class BulkFetcher:
         try:
             with buf.view[: n << r.shift] as dest:
                 await self._retrying(lambda: self.source.prefetch(r.file_offset(i), dest), [])
-            for p, q in run.unstolen():
-                if self.host.anonymous:
-                    self.host.install_run(r, p, q - p, path, None, buf, (p - i) << r.shift)
-                else:
-                    self._copy_in(r, p, q, buf.view[(p - i) << r.shift : (q - i) << r.shift])
-                    self.host.install_run(r, p, q - p, path)
+            step = max(1, INSTALL_STEP >> r.shift)
+            for first in range(i, i + n, step):
+                # Pages taken over by a demand fault while we yielded are its to write: the run
+                # is looked at again before each step, and nothing is awaited within one.
+                for p, q in run.unstolen(first, min(first + step, i + n)):
+                    if self.host.anonymous:
+                        self.host.install_run(r, p, q - p, path, None, buf, (p - i) << r.shift)
+                    else:
+                        self._copy_in(r, p, q, buf.view[(p - i) << r.shift : (q - i) << r.shift])
+                        self.host.install_run(r, p, q - p, path)
+                if first + step < i + n:
+                    await asyncio.sleep(0)
         except PagePoisoned as exc:
             for p, q in run.unstolen():
                 self.host.poison_run(r, p, q - p, exc, None, self.refill)
