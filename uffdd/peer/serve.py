@@ -199,12 +199,12 @@ async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], N
     if handover is not None:
         await handover.start()
     metrics_server = None
-    if config.metrics.listen:
+    if config.metrics.address is not None:
         from prometheus_client import start_http_server
 
         registry = CollectorRegistry()
         registry.register(ServeCollector(server))
-        mhost, mport = split_hostport(config.metrics.listen)
+        mhost, mport = config.metrics.address
         metrics_server, _ = start_http_server(mport, addr=mhost, registry=registry)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -32,11 +32,6 @@ STATUS_INTERVAL_S = 2.0
 """STATUS= is refreshed at most this often while counts change (and at once on session changes)."""
 
 
-def _split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def _listening_socket(inherited: Inherited, config: Config, store: FdStore) -> tuple[socket.socket | None, bool]:
     """The socket to accept on: ours from the fd store, else one from socket activation, else
     None (bind it). The bool says whether the socket file is ours to remove on a clean stop."""
@@ -212,10 +207,10 @@ async def serve(config: Config, *, config_path: str | None = None, ready: asynci
     control = ControlServer(control_path, daemon.snapshot)
     await control.start()
     metrics_server = None
-    if config.metrics.listen:
+    if config.metrics.address is not None:
         from prometheus_client import start_http_server
 
-        host, port = _split_hostport(config.metrics.listen)
+        host, port = config.metrics.address
         metrics_server, _ = start_http_server(port, addr=host, registry=make_registry(listener))
     stop = asyncio.Event()
     force = asyncio.Event()

@@ -42,9 +42,10 @@ import structlog
 
 from uffdd import __version__, ancillary
 from uffdd.config import Config, ControlConfig, MetricsConfig
+from uffdd.configbase import join_hostport
 from uffdd.service import systemd
 from uffdd.service.control import ControlServer
-from uffdd.service.daemon import STATUS_INTERVAL_S, _Every, _listening_socket, _split_hostport, _start_watchdog
+from uffdd.service.daemon import STATUS_INTERVAL_S, _Every, _listening_socket, _start_watchdog
 from uffdd.service.fdstore import FdStore, sort_inherited
 from uffdd.service.listener import Listener, _wait_readable
 from uffdd.unixsock import bind_unix
@@ -154,9 +155,9 @@ def worker_config(config: Config, index: int) -> Config:
     ctl = Path(config.control_path)
     update: dict[str, Any] = {"workers": 1,
                               "control": ControlConfig(listen=str(ctl.with_name(f"{ctl.stem}.{index}{ctl.suffix}")))}
-    if config.metrics.listen:
-        host, port = _split_hostport(config.metrics.listen)
-        update["metrics"] = MetricsConfig(listen=f"{host}:{port + index if port else 0}")
+    if config.metrics.address is not None:
+        host, port = config.metrics.address
+        update["metrics"] = MetricsConfig(listen=join_hostport(host, port + index if port else 0))
     return config.model_copy(update=update)
 
 
