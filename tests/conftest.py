@@ -98,11 +98,10 @@ class Daemon:
 
     async def wait_idle(self, timeout: float = 10) -> None:
         """Wait until every session has ended and been released."""
-        deadline = time.monotonic() + timeout
-        while self.listener.sessions or self.listener._conn_tasks:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sessions still open: {sorted(self.listener.sessions)}")
-            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(self.listener.wait_sessions(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"sessions still open: {sorted(self.listener.sessions)}") from None
 
 
 def make_config(tmp_path: Path, snapshot: Path, **extra: Any) -> Config:

@@ -40,15 +40,15 @@ from typing import Any
 
 import structlog
 
-from uffdd import __version__, ancillary
+from uffdd import __version__
 from uffdd.config import Config, ControlConfig, MetricsConfig
 from uffdd.configbase import join_hostport
 from uffdd.service import systemd
 from uffdd.service.control import ControlServer
 from uffdd.service.daemon import STATUS_INTERVAL_S, _Every, _listening_socket, _start_watchdog
 from uffdd.service.fdstore import FdStore, sort_inherited
-from uffdd.service.listener import Listener, _wait_readable
-from uffdd.unixsock import bind_unix
+from uffdd.service.listener import Listener
+from uffdd.unixsock import ancillary_space, bind_unix, parse_ancillary, wait_readable
 
 log = structlog.get_logger("uffdd.workers")
 
@@ -105,26 +105,21 @@ class WorkerListener(Listener):
     (the busy one would otherwise often win, being awake already)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         self.index = worker_index() or 0
         self._load: mmap.mmap | None = None
         path = os.environ.get(LOAD_ENV)
         if path:
             with open(path, "r+b") as fh:
                 self._load = mmap.mmap(fh.fileno(), 0)
+        super().__init__(*args, accept=self._accept_balanced, on_connections=self._publish, **kwargs)
 
     def _loads(self) -> list[int]:
         assert self._load is not None
         return [int.from_bytes(self._load[i:i + 4], "little") for i in range(0, len(self._load), 4)]
 
-    def _publish(self) -> None:
+    def _publish(self, connections: int) -> None:
         if self._load is not None and 4 * self.index + 4 <= len(self._load):
-            self._load[4 * self.index:4 * self.index + 4] = len(self._conn_tasks).to_bytes(4, "little")
-
-    def _track(self, task: asyncio.Task[None]) -> None:
-        super()._track(task)
-        task.add_done_callback(lambda _: self._publish())
-        self._publish()
+            self._load[4 * self.index:4 * self.index + 4] = connections.to_bytes(4, "little")
 
     def _excess(self) -> int:
         """How many more connections we serve than the least loaded other worker (0 if none)."""
@@ -135,10 +130,9 @@ class WorkerListener(Listener):
         mine = loads[self.index] if self.index < len(loads) else 0
         return max(mine - min(others), 0) if others else 0
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    async def _accept_balanced(self, sock: socket.socket) -> socket.socket:
         while True:
-            await _wait_readable(loop, sock)
+            await wait_readable(sock)
             if excess := self._excess():
                 # Longer the busier we are: a loaded host may take a while to schedule the idle one.
                 await asyncio.sleep(min(ACCEPT_DEFER_S * excess, ACCEPT_DEFER_MAX_S))
@@ -146,8 +140,7 @@ class WorkerListener(Listener):
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another worker took it
-            conn.setblocking(False)
-            self._track(loop.create_task(self._serve_connection(conn)))
+            return conn
 
 
 def worker_config(config: Config, index: int) -> Config:
@@ -276,10 +269,10 @@ class WorkerPool:
     def _read_notify(self, w: Worker, *, dead_pid: int | None = None) -> None:
         while True:
             try:
-                data, anc, flags, _ = w.notify.recvmsg(4096, ancillary.space(253, credentials=True))
+                data, anc, flags, _ = w.notify.recvmsg(4096, ancillary_space(253, credentials=True))
             except (BlockingIOError, InterruptedError):
                 return
-            fds, pid = ancillary.parse(anc)
+            fds, pid = parse_ancillary(anc)
             sender_ok = pid == w.pid or (dead_pid is not None and pid in (dead_pid, 0))
             if not sender_ok or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 log.warning("worker_notify_refused", worker=w.index, sender=pid, truncated=bool(flags))
