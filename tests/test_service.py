@@ -230,12 +230,12 @@ def test_peer_recovery_counters_are_exported_per_session() -> None:
     from types import SimpleNamespace
 
     from uffdd.peer.client import PeerStats
-    from uffdd.service.metrics import _peer_metrics
+    from uffdd.service.metrics import peer_metrics
 
     stats = PeerStats(reconnects=2, requests_resent=17, checksum_failures=1)
     peer = SimpleNamespace(id="s1", vm_id="vm", source=SimpleNamespace(stats=stats, unreachable=None))
     filed = SimpleNamespace(id="s2", vm_id="vm2", source=SimpleNamespace())  # no peer counters
-    families = {f.name: f for f in _peer_metrics([peer, filed])}  # type: ignore[list-item]
+    families = {f.name: f for f in peer_metrics([peer, filed])}  # type: ignore[list-item]
     values = {name: [(s.labels, s.value) for s in f.samples if s.name.endswith("_total") or s.name == name]
               for name, f in families.items()}
     assert values["uffdd_peer_reconnects"] == [({"session": "s1", "vm_id": "vm"}, 2.0)]

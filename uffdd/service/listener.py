@@ -22,7 +22,7 @@ from uffdd.errors import HandshakeError, SourceError, UffddError
 from uffdd.kernel import Userfaultfd
 from uffdd.pagestate import PageStates
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
-from uffdd.service.metrics import Totals
+from uffdd.service.totals import Totals
 from uffdd.session import Session, SessionStats
 from uffdd.sources import PageSource, source_class
 from uffdd.unixsock import Accept, UnixServer, accept, bind_unix, close_fds, receive_handshake, send_line, until_eof
