@@ -94,7 +94,7 @@ class Config(StrictModel):
     control: ControlConfig = ControlConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     workers: int | Literal["auto"] = "auto"
-    """Worker processes sharing the socket (uffdd.service.workers); "auto": one per CPU this
+    """Worker processes sharing the socket (uffdd.service.supervisor); "auto": one per CPU this
     process may run on (systemd's CPUAffinity= narrows it). 1: a single process, no parent."""
     pin_workers: bool = True
     """Each worker runs on one CPU of that set (worker i on the i-th, round-robin): a worker
