@@ -76,9 +76,11 @@ def test_serve_config_file_and_metrics_endpoint(tmp_path: Path, snapshot_4k: Pat
         import asyncio
 
         from uffdd.peer.client import ClientOptions, PeerClient
+        from uffdd.peer.config import PeerLinkConfig
 
         async def fetch() -> bytes:
-            c = PeerClient(ClientOptions(host=serve.address[0], port=serve.address[1], image="vm-1"))
+            link = PeerLinkConfig(address=f"{serve.address[0]}:{serve.address[1]}", image="vm-1")
+            c = PeerClient(ClientOptions.from_config(link))
             await c.open()
             buf = bytearray(8192)
             await c.fill(4096, memoryview(buf))

@@ -22,10 +22,11 @@ from tests.conftest import HUGE, Daemon, make_config, running_daemon
 from uffdd.errors import SourceError
 from uffdd.peer import protocol as p
 from uffdd.peer.client import ClientOptions, PeerClient
+from uffdd.peer.config import PeerLinkConfig, ServeLimits
 from uffdd.peer.image import Image
 from uffdd.peer.relay import Relay
 from uffdd.peer.serve import VmmHandover
-from uffdd.peer.server import PeerServer, ServerOptions
+from uffdd.peer.server import PeerServer
 from uffdd.peer.testing import DataTamperer, JunkInjector, ServeProcess
 from uffdd.session import Session
 from uffdd.sources.peer import PeerSource
@@ -52,8 +53,10 @@ def peer_config(tmp_path: Path, snapshot: Path, address: tuple[str, int], *, pre
 
 
 @contextlib.asynccontextmanager
-async def peer_server(snapshot: Path, **options: Any) -> AsyncIterator[PeerServer]:
-    server = PeerServer({"default": Image.from_file("default", str(snapshot))}, ServerOptions(**options))
+async def peer_server(snapshot: Path, *, secret: bytes | None = None, compression: bool = True,
+                      **limits: Any) -> AsyncIterator[PeerServer]:
+    server = PeerServer({"default": Image.from_file("default", str(snapshot))}, ServeLimits(**limits),
+                        secret=secret, compression=compression)
     await server.start("127.0.0.1", 0)
     try:
         yield server
@@ -249,8 +252,9 @@ async def test_a_different_image_after_reconnect_is_refused(tmp_path: Path, snap
     other.write_bytes(snapshot_4k.read_bytes())  # same bytes, another file: another image
     async with peer_server(snapshot_4k) as first:
         host, port = first.address
-        c = PeerClient(ClientOptions(host=host, port=port, keepalive=0.1, io_timeout=0.6, reconnect_min=0.02,
-                                     reconnect_max=0.2, connect_timeout=0.5))
+        c = PeerClient(ClientOptions.from_config(PeerLinkConfig(
+            address=f"{host}:{port}", keepalive=0.1, io_timeout=0.6, reconnect_min=0.02, reconnect_max=0.2,
+            connect_timeout=0.5)))
         await c.open()
         buf = bytearray(4096)
         await c.fill(0, memoryview(buf))
@@ -344,7 +348,7 @@ def test_peer_source_config_refuses_bad_values_naming_the_key(tmp_path: Path, sn
 async def test_fill_of_a_partly_unreadable_range_raises_and_leaves_nothing_half_done(snapshot_4k: Path) -> None:
     """A fill that cannot complete raises; it never returns with the destination partly written."""
     async with peer_server(snapshot_4k) as server:
-        c = PeerClient(ClientOptions(host=server.address[0], port=server.address[1]))
+        c = PeerClient(ClientOptions.from_config(PeerLinkConfig(address=f"{server.address[0]}:{server.address[1]}")))
         await c.open()
         buf = bytearray(8 * 4096)
         with pytest.raises(SourceError, match="past the end"):

@@ -123,6 +123,45 @@ class ClientTls(StrictModel):
         return ctx
 
 
+class PeerLinkConfig(_SecretMixin):
+    """The destination's side of a link to ``uffdd serve``: where, which image, how to
+    authenticate, and how to ride out a broken connection. The peer client takes it as is
+    (:class:`uffdd.peer.client.ClientOptions` carries it, with the secret and TLS context resolved)."""
+
+    address: str
+    """HOST:PORT of ``uffdd serve`` on the migration source."""
+    image: str = "default"
+    """Name of the image on the server; ``{vm_id}`` is replaced by the handshake's vm_id."""
+    tls: ClientTls | None = None
+    compression: bool = True
+    """Let the server send lz4 blocks (it does so per block, only when that saves space)."""
+    connect_timeout: float = Field(default=2.0, gt=0, le=300)
+    """Seconds for one attempt: TCP connect, TLS and the HELLO/AUTH exchange."""
+    open_timeout: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds the first connection may take before the session is refused."""
+    reconnect_min: float = Field(default=0.05, gt=0, le=60)
+    reconnect_max: float = Field(default=2.0, gt=0, le=600)
+    deadline: float = Field(default=60.0, gt=0, le=86400)
+    """Seconds without a working connection before fills fail with SourceUnavailable (loudly)."""
+    keepalive: float = Field(default=0.5, gt=0, le=600)
+    io_timeout: float = Field(default=3.0, gt=0, le=3600)
+    """A connection that received nothing for this long (pings included) is declared dead."""
+    max_inflight: int = Field(default=256, ge=1, le=65536)
+    checksum_retries: int = Field(default=5, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _check_link(self) -> Any:
+        try:
+            split_hostport(self.address)
+        except ValueError as exc:
+            raise ValueError(f"address: {exc}") from None
+        if self.io_timeout <= self.keepalive:
+            raise ValueError(f"io_timeout ({self.io_timeout}) must be longer than keepalive ({self.keepalive})")
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must not be below reconnect_min")
+        return self
+
+
 class ServeLimits(StrictModel):
     max_blocks: int = Field(default=1024, ge=1, le=16384)
     """Largest READ, in 4 KiB blocks (default 4 MiB; a 2 MiB huge page is 512)."""

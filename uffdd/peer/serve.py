@@ -24,7 +24,7 @@ from uffdd import handshake as hs_mod
 from uffdd.errors import ConfigError, HandshakeError
 from uffdd.peer.config import ServeConfig, is_loopback, read_secret, split_hostport
 from uffdd.peer.image import Image, ImageError
-from uffdd.peer.server import PeerServer, ServerOptions
+from uffdd.peer.server import PeerServer
 from uffdd.unixsock import UnixServer, bind_unix, close_fds, receive_handshake, send_line, until_eof
 
 log = structlog.get_logger("uffdd.serve")
@@ -117,14 +117,6 @@ class ServeCollector(Collector):
         yield errs
 
 
-def server_options(config: ServeConfig) -> ServerOptions:
-    lim = config.limits
-    return ServerOptions(secret=read_secret(config.secret, config.secret_file, "serve"),
-                         compression=config.compression, max_blocks=lim.max_blocks,
-                         max_inflight=lim.max_inflight, max_connections=lim.max_connections,
-                         handshake_timeout=lim.handshake_timeout, idle_timeout=lim.idle_timeout)
-
-
 def bind_host(host: str, secret: bytes | None) -> str:
     """Without a secret anyone who can connect gets guest memory: only loopback is allowed then."""
     if secret is None and not is_loopback(host):
@@ -151,13 +143,14 @@ async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], N
     """Serve until SIGTERM/SIGINT; clients are told SHUTTING_DOWN (they reconnect to a successor)."""
     if not config.images and not config.vmm_socket:
         raise ConfigError("nothing to serve: give --image [NAME=]PATH, or --vmm-socket PATH for live guests")
-    opts = server_options(config)
+    secret = read_secret(config.secret, config.secret_file, "serve")
     host, port = split_hostport(config.listen)
-    host = bind_host(host, opts.secret)
-    if opts.secret is None:
+    host = bind_host(host, secret)
+    if secret is None:
         log.warning("no_secret_configured", detail="clients are not authenticated; serving loopback only")
     images = load_images(config)
-    server = PeerServer(images, opts, ssl_context=config.tls.context() if config.tls else None)
+    server = PeerServer(images, config.limits, secret=secret, compression=config.compression,
+                        ssl_context=config.tls.context() if config.tls else None)
     try:
         address = await server.start(host, port)
     except OSError as exc:
@@ -185,7 +178,7 @@ async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], N
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("serving", address=f"{address[0]}:{address[1]}", version=__version__,
              images={n: i.description for n, i in images.items()}, vmm_socket=config.vmm_socket,
-             auth="hmac-sha256" if opts.secret else "none", tls=bool(config.tls),
+             auth="hmac-sha256" if secret else "none", tls=bool(config.tls),
              client_certs=bool(config.tls and config.tls.client_ca), metrics=config.metrics.listen)
     if ready is not None:
         ready(address)
