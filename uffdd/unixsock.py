@@ -227,12 +227,13 @@ class UnixServer:
             self.spawn(self.handler, conn)
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
-        """Run ``fn(*args)`` as one more connection of the group."""
+        """Run ``fn(*args)`` as one more connection of the group (counted from now on: a worker
+        publishes its load before it accepts again)."""
         assert self._group is not None, "open() the server first"
         self._group.create_task(self._guarded(fn, args))
+        self._count(+1)
 
     async def _guarded(self, fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
-        self._count(+1)
         try:
             await fn(*args)
         except Exception:
