@@ -25,6 +25,7 @@ from uffdd.peer.image import Image
 from uffdd.peer.relay import Relay
 from uffdd.peer.server import PeerServer
 from uffdd.peer.testing import TlsFiles, make_tls_files
+from uffdd.testing.waiting import eventually
 
 BS = p.BLOCK_SIZE
 SECRET = b"correct horse battery staple"
@@ -147,8 +148,7 @@ async def test_hostile_frames_each_drop_only_their_own_connection(snapshot_4k: P
                 await expect_dropped(r, code)
                 w.close()
             before = fetched
-            await asyncio.sleep(0.2)
-            assert fetched > before  # the healthy client never noticed
+            await eventually(lambda: fetched > before, what="the healthy client fetching on")  # it never noticed
         finally:
             stop.set()
             await asyncio.wait_for(worker, WAIT)
@@ -387,7 +387,7 @@ async def test_demand_fills_never_wait_behind_a_stalled_bulk_connection(snapshot
             await c.open()
             big = bytearray(8 << 20)
             prefetch = asyncio.create_task(c.prefetch(0, memoryview(big)))
-            await asyncio.sleep(0.2)
+            await eventually(lambda: c.bulk is not None and c.bulk.inflight > 0, what="prefetch sent into the stall")
             buf = bytearray(BS)
             t0 = asyncio.get_running_loop().time()
             for i in range(200):
@@ -416,7 +416,7 @@ async def test_bulk_bytes_are_rationed_while_a_demand_fill_waits_and_never_starv
             big = bytearray(8 << 20)
             await c.prefetch(0, memoryview(big))  # warm: both connections up
             fill = asyncio.create_task(c.fill(0, memoryview(bytearray(BS))))
-            await asyncio.sleep(0.01)
+            await eventually(lambda: c.urgent.busy, what="a demand fill waiting")  # the bulk side is held now
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             await asyncio.wait_for(c.prefetch(8 << 20, memoryview(big)), 30)  # rationed, yet it completes

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest
 
 from tests.supervisor import Supervisor
 from tests.test_restart import (
+    MOMENT,
     PAGES,
     REGIONS,
     assert_guest_whole,
@@ -31,6 +31,7 @@ from uffdd.config import parse_config
 from uffdd.errors import ConfigError
 from uffdd.service.control import query
 from uffdd.testing import VmmProcess, VmmSpec
+from uffdd.testing.waiting import NotYet, wait_until
 
 TWO = {"workers": 2}
 
@@ -53,18 +54,20 @@ def parent_status(tmp_path: Path) -> dict[str, Any]:
     return query(str(tmp_path / "uffdd.ctl"))
 
 
+def exited(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by whoever adopted it counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
 def gone(pid: int, timeout: float = 5) -> bool:
-    """The process has exited (a zombie not yet reaped by whoever adopted it counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)
-    return False
+    try:
+        return wait_until(lambda: exited(pid), timeout=timeout)
+    except NotYet:
+        return False
 
 
 def workers_with_sessions(sup: Supervisor) -> dict[int, set[str]]:
@@ -121,10 +124,8 @@ def test_a_worker_killed_mid_migration_is_replaced_and_its_sessions_resume_with_
             victim, sids = max(workers_with_sessions(sup).items(), key=lambda kv: len(kv[1]))
             states = [sup.stored_fd(f"w{victim}.{sid}.state") for sid in sorted(sids)]
             try:
-                deadline = time.monotonic() + 20
-                while min(filled(fd, PAGES) for fd in states) < PAGES // 5:
-                    assert time.monotonic() < deadline, [filled(fd, PAGES) for fd in states]
-                    time.sleep(0.0005)
+                wait_until(lambda: min(filled(fd, PAGES) for fd in states) >= PAGES // 5, timeout=20,
+                           max_interval=MOMENT, what="a fifth of every guest filled")
                 pid = parent_status(tmp_path)["workers"][victim]["pid"]
                 os.kill(pid, signal.SIGKILL)
                 at_kill = [filled(fd, PAGES) for fd in states]
@@ -160,10 +161,8 @@ def test_a_killed_parent_takes_its_workers_along_and_the_restarted_one_resumes_e
             name = next(n for n in sup.stored_names() if n.endswith(".state"))
             state = sup.stored_fd(name)
             try:
-                deadline = time.monotonic() + 20
-                while filled(state, PAGES) < PAGES // 4:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.0005)
+                wait_until(lambda: filled(state, PAGES) >= PAGES // 4, timeout=20, max_interval=MOMENT,
+                           what="a quarter of the guest filled")
                 sup.kill(signal.SIGKILL)
             finally:
                 os.close(state)
