@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ from tests.test_restart import (
 from uffdd.config import parse_config
 from uffdd.errors import ConfigError
 from uffdd.service.control import query
+from uffdd.service.manager import COUNTS_FIELD, StatusCounts
+from uffdd.service.supervisor.notify import Worker, parse_fields
 from uffdd.testing import VmmProcess, VmmSpec
 from uffdd.testing.waiting import NotYet, wait_until
 
@@ -220,3 +223,69 @@ def test_workers_key_accepts_a_count_or_auto_and_refuses_zero() -> None:
     assert parse_config({"workers": "auto"}).worker_count == len(os.sched_getaffinity(0))
     with pytest.raises(ConfigError, match="workers"):
         parse_config({"workers": 0})
+
+
+# --- the structured status a worker sends its parent ---------------------------------------------
+
+def test_counts_travel_as_one_json_field_and_read_back_equal() -> None:
+    counts = StatusCounts(sessions=2, pages_to_go=10, served=5, faults=100, resumed=1, unresumed=1)
+    key, _, value = counts.encode().partition("=")
+    assert key == COUNTS_FIELD and key.startswith("X_")  # sd_notify(3): a service's own fields
+    assert StatusCounts.decode(value) == counts
+    assert counts.line() == "2 session(s), 10 page(s) to go; 5 served; 100 faults; 1 resumed; 1 NOT resumed (see log)"
+    assert StatusCounts().line() == "0 session(s), 0 page(s) to go; 0 served; 0 faults"
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("[1, 2]", "expected a JSON object"),
+    ('{"sessions": -1}', "sessions must be a count"),
+    ('{"faults": true}', "faults must be a count"),
+    ('{"served": "5"}', "served must be a count"),
+    ("sessions=3", "Expecting value"),
+])
+def test_counts_that_are_not_counts_are_refused(value: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        StatusCounts.decode(value)
+
+
+def test_counts_from_a_newer_worker_keep_what_this_parent_knows() -> None:
+    assert StatusCounts.decode('{"sessions": 3, "wings": 2}') == StatusCounts(sessions=3)
+
+
+def worker(index: int) -> Worker:
+    return Worker(index=index, notify=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), notify_path="")
+
+
+def test_the_parent_adds_up_the_workers_counts_and_keeps_the_last_good_ones() -> None:
+    ws = [worker(0), worker(1)]
+    try:
+        msg = parse_fields(b"READY=1\nSTATUS=words nobody parses\n" +
+                           StatusCounts(sessions=1, pages_to_go=7, served=4, faults=9).encode().encode())
+        assert ws[0].apply(msg, watchdog_usec=None) == (True, True)
+        assert ws[0].status == "words nobody parses"
+        ws[1].apply(parse_fields(StatusCounts(sessions=2, served=3, faults=1, resumed=2).encode().encode()),
+                    watchdog_usec=None)
+        changed, ready = ws[1].apply({COUNTS_FIELD: "garbage"}, watchdog_usec=None)  # logged, not applied
+        assert (changed, ready) == (False, False)
+        assert sum((w.counts for w in ws), StatusCounts()) == \
+            StatusCounts(sessions=3, pages_to_go=7, served=7, faults=10, resumed=2)
+    finally:
+        for w in ws:
+            w.close()
+
+
+def test_a_workers_stored_descriptors_are_kept_until_it_removes_them() -> None:
+    w = worker(3)
+    r, wr = os.pipe()
+    try:
+        w.keep_fds(parse_fields(b"FDSTORE=1\nFDNAME=s1.conn"), [r], mirror=False)
+        w.keep_fds(parse_fields(b"FDSTORE=1\nFDNAME=bad:name"), [wr], mirror=False)  # refused, closed
+        assert [(s.name, s.fd) for s in w.store] == [("s1.conn", r)]
+        with pytest.raises(OSError):
+            os.fstat(wr)
+        w.keep_fds(parse_fields(b"FDSTOREREMOVE=1\nFDNAME=s1.conn"), [], mirror=False)
+        assert w.store == []
+        with pytest.raises(OSError):
+            os.fstat(r)
+    finally:
+        w.close()
