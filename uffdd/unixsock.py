@@ -163,7 +163,7 @@ async def until_eof(conn: socket.socket) -> None:
 Accept = Callable[[socket.socket], Awaitable[socket.socket]]
 
 
-async def accept(sock: socket.socket) -> socket.socket:
+async def accept_connection(sock: socket.socket) -> socket.socket:
     """The default accept step: the next connection, non-blocking."""
     conn, _ = await asyncio.get_running_loop().sock_accept(sock)
     return conn
@@ -180,7 +180,7 @@ class UnixServer:
     """
 
     def __init__(self, handler: Callable[[socket.socket], Awaitable[None]], *, name: str,
-                 accept: Accept = accept, on_count: Callable[[int], None] | None = None) -> None:
+                 accept: Accept = accept_connection, on_count: Callable[[int], None] | None = None) -> None:
         self.handler = handler
         self.name = name
         self._accept = accept

@@ -25,7 +25,16 @@ from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
 from uffdd.service.totals import Totals
 from uffdd.session import Session, SessionStats
 from uffdd.sources import PageSource, source_class
-from uffdd.unixsock import Accept, UnixServer, accept, bind_unix, close_fds, receive_handshake, send_line, until_eof
+from uffdd.unixsock import (
+    Accept,
+    UnixServer,
+    accept_connection,
+    bind_unix,
+    close_fds,
+    receive_handshake,
+    send_line,
+    until_eof,
+)
 
 log = structlog.get_logger("uffdd.listener")
 
@@ -50,7 +59,7 @@ class Listener:
     """
 
     def __init__(self, config: Config, *, sock: socket.socket | None = None, owns_path: bool | None = None,
-                 store: FdStore | None = None, accept: Accept = accept,
+                 store: FdStore | None = None, accept: Accept = accept_connection,
                  on_connections: Callable[[int], None] | None = None) -> None:
         """``accept`` and ``on_connections`` let a worker balance new VMMs against its siblings."""
         self.config = config
