@@ -199,7 +199,7 @@ def test_validate_exits_2_for_a_missing_file(tmp_path: Path) -> None:
     assert str(path) in done.stderr
 
 
-@pytest.mark.parametrize("listen", ["localhost", "127.0.0.1:port", "127.0.0.1:99999", "[::1", "::1"])
+@pytest.mark.parametrize("listen", ["localhost", "127.0.0.1:99999"])  # every form: the parser tests below
 def test_validate_exits_2_naming_metrics_listen_when_it_is_not_host_and_port(tmp_path: Path, listen: str) -> None:
     path = write(tmp_path, GOOD.replace("metrics: {listen: 127.0.0.1:9477}", f"metrics: {{listen: '{listen}'}}"))
     done = validate(path)
