@@ -144,7 +144,12 @@ class Daemon:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception as exc:  # a bug, not a bad file: say so loudly, and keep serving
+                log.exception("reload_failed", error=repr(exc))
+                systemd.notify("READY=1", f"STATUS=reload failed: {exc!r}"[:1000])
+                self.status.forget()
 
     async def shutdown(self) -> None:
         """Stop accepting; hand the sessions over to the fd store, or wait for them to end."""

@@ -1,7 +1,7 @@
 """The Unix-socket listener: accept VMMs, read their handshake, run one session each.
 
-Every connection is its own task: a malformed handshake is answered with one JSON error
-line and closed, and nothing else notices.
+Every connection is its own task of one task group (:class:`uffdd.unixsock.UnixServer`): a
+malformed handshake is answered with one JSON error line and closed, and nothing else notices.
 """
 
 from __future__ import annotations
