@@ -226,12 +226,13 @@ class UnixServer:
             conn.setblocking(False)
             self.spawn(self.handler, conn)
 
-    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> asyncio.Task[None]:
         """Run ``fn(*args)`` as one more connection of the group (counted from now on: a worker
-        publishes its load before it accepts again)."""
+        publishes its load before it accepts again). The group keeps the task."""
         assert self._group is not None, "open() the server first"
-        self._group.create_task(self._guarded(fn, args))
+        task = self._group.create_task(self._guarded(fn, args))
         self._count(+1)
+        return task
 
     async def _guarded(self, fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
         try:
