@@ -40,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 from uffdd import logs  # noqa: E402
 from uffdd.cli import parse_size  # noqa: E402
 from uffdd.config import parse_config  # noqa: E402
+from uffdd.configbase import join_hostport  # noqa: E402
 from uffdd.peer.client import ClientOptions, PeerClient  # noqa: E402
+from uffdd.peer.config import PeerLinkConfig  # noqa: E402
 from uffdd.peer.testing import ServeProcess  # noqa: E402
 from uffdd.service.listener import Listener  # noqa: E402
 from uffdd.sources.peer import PeerSource  # noqa: E402
@@ -111,7 +113,7 @@ async def bulk(snap: Path, address: tuple[str, int], size: int, rounds: int, inf
     buf = mmap.mmap(-1, size)
     buf.write(b"\x01" * size)  # fault the buffer in once: both contenders write to resident memory
     dest = memoryview(buf)
-    client = PeerClient(ClientOptions(host=address[0], port=address[1]))
+    client = PeerClient(ClientOptions.from_config(PeerLinkConfig(address=join_hostport(*address))))
     await client.open()
     plain: list[float] = []
     peer: list[float] = []

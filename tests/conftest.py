@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from uffdd.config import Config, parse_config
 from uffdd.core import Session
 from uffdd.service.listener import Listener
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot
-from uffdd.testing.waiting import eventually
+from uffdd.testing.waiting import NotYet, eventually, wait_until
 
 HUGE = 2 << 20
 logs.configure("json", "warning")
@@ -108,11 +107,24 @@ class Daemon:
 
     async def wait_idle(self, timeout: float = 10) -> None:
         """Wait until every session has ended and been released."""
-        deadline = time.monotonic() + timeout
-        while self.listener.sessions or self.listener._conn_tasks:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"sessions still open: {sorted(self.listener.sessions)}")
-            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(self.listener.wait_sessions(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"sessions still open: {sorted(self.listener.sessions)}") from None
+
+
+async def first_session(listener: Listener, timeout: float = 20) -> Session:
+    """The first session the listener runs (waiting for its VMM to connect)."""
+    await eventually(lambda: listener.sessions, timeout=timeout, what="a session")
+    return next(iter(listener.sessions.values()))
+
+
+async def wait_pages(s: Session, n: int, timeout: float = 60) -> int:
+    """Until the session has installed ``n`` pages (polling its counters: nothing to await on);
+    returns how many it has."""
+    await eventually(lambda: s.stats.pages_filled >= n, timeout=timeout, max_interval=0.002,
+                     what=f"{n} pages installed")
+    return s.stats.pages_filled
 
 
 def make_config(tmp_path: Path, snapshot: Path, **extra: Any) -> Config:
@@ -211,11 +223,10 @@ def daemon_process(tmp_path: Path, snapshot_4k: Path) -> Iterator[Callable[..., 
                                     stdout=log_fh, stderr=subprocess.STDOUT, env=env)
         d = DaemonProcess(proc=proc, socket=sock, log_path=log_path)
         started.append(d)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.02)
+        with contextlib.suppress(NotYet):
+            wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, timeout=15)
+        if not os.path.exists(sock):
+            raise RuntimeError(f"daemon did not start: {log_path.read_text()[-2000:]}")
         return d
 
     yield start

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
-from uffdd import ancillary
+from uffdd.unixsock import ancillary_space, parse_ancillary
 
 NOTIFY_BUFFER_MAX = 4096
 """systemd reads notify datagrams into a buffer of this size and drops longer ones."""
@@ -345,10 +345,10 @@ class Supervisor:
         while True:
             try:
                 data, anc, flags, _ = self._nsock.recvmsg(
-                    NOTIFY_BUFFER_MAX, ancillary.space(SCM_MAX_FD, credentials=True))
+                    NOTIFY_BUFFER_MAX, ancillary_space(SCM_MAX_FD, credentials=True))
             except BlockingIOError:
                 return
-            fds, pid = ancillary.parse(anc)
+            fds, pid = parse_ancillary(anc)
             self._dispatch(data, fds, pid, flags)
 
     def _reject(self, pid: int, reason: str, fds: list[int]) -> None:

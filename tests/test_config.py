@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from uffdd.config import Config, LogConfig, MetricsConfig, load_config
+from uffdd.config import Config, LogConfig, MetricsConfig, load_config, parse_config
+from uffdd.configbase import join_hostport, parse_hostport
 from uffdd.errors import ConfigError
 from uffdd.sources.file import FileSourceConfig
 
@@ -195,3 +197,54 @@ def test_validate_exits_2_for_a_missing_file(tmp_path: Path) -> None:
     done = validate(path)
     assert done.returncode == 2
     assert str(path) in done.stderr
+
+
+@pytest.mark.parametrize("listen", ["localhost", "127.0.0.1:99999"])  # every form: the parser tests below
+def test_validate_exits_2_naming_metrics_listen_when_it_is_not_host_and_port(tmp_path: Path, listen: str) -> None:
+    path = write(tmp_path, GOOD.replace("metrics: {listen: 127.0.0.1:9477}", f"metrics: {{listen: '{listen}'}}"))
+    done = validate(path)
+    assert done.returncode == 2, done.stdout
+    assert "metrics.listen" in done.stderr and str(path) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --- HOST:PORT, one parser for every address in a config ----------------------------------------
+
+@pytest.mark.parametrize(("value", "kw", "expected"), [
+    ("127.0.0.1:9477", {}, ("127.0.0.1", 9477)),
+    (" host.example:0 ", {}, ("host.example", 0)),
+    ("[::1]:7447", {}, ("::1", 7447)),
+    ("[fe80::1]", {"default_port": 7447}, ("fe80::1", 7447)),
+    ("::1", {"default_port": 7447}, ("::1", 7447)),
+    ("src-host", {"default_port": 7447}, ("src-host", 7447)),
+    (":9477", {"default_host": "127.0.0.1"}, ("127.0.0.1", 9477)),
+    ("[]:9477", {"default_host": "127.0.0.1"}, ("127.0.0.1", 9477)),
+])
+def test_hostport_parses_names_v4_v6_and_the_defaults_asked_for(
+        value: str, kw: dict[str, Any], expected: tuple[str, int]) -> None:
+    assert parse_hostport(value, **kw) == expected
+    assert parse_hostport(join_hostport(*expected)) == expected  # what join writes, parse reads
+
+
+@pytest.mark.parametrize(("value", "kw", "needle"), [
+    ("host", {}, "port is missing"),
+    ("::1", {}, "port is missing"),
+    (":9477", {}, "missing host"),
+    ("h:65536", {}, "port must be 0..65535"),
+    ("h:-1", {}, "port must be 0..65535"),
+    ("h:http", {"default_port": 80}, "port must be 0..65535"),
+    ("[::1", {"default_port": 1}, "missing ']'"),
+    ("[::1]7447", {"default_port": 1}, r"expected \[HOST\]:PORT"),
+])
+def test_hostport_refuses_what_is_not_an_address_naming_the_value(value: str, kw: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as info:
+        parse_hostport(value, **kw)
+    assert repr(value) in str(info.value)
+
+
+def test_metrics_listen_is_parsed_once_at_load_and_a_bare_port_means_loopback() -> None:
+    assert MetricsConfig(listen=":9477").address == ("127.0.0.1", 9477)
+    assert MetricsConfig(listen="[::1]:9").address == ("::1", 9)
+    assert MetricsConfig().address is None
+    with pytest.raises(ConfigError, match=r"metrics\.listen: 'nowhere': expected HOST:PORT"):
+        parse_config({"metrics": {"listen": "nowhere"}})

@@ -5,16 +5,14 @@ cut for real in the middle of the run."""
 from __future__ import annotations
 
 import asyncio
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import make_config, running_daemon
+from tests.conftest import first_session, make_config, running_daemon, wait_pages
 from tests.netns import Link, unavailable_reason, veth_namespace
-from uffdd.core import Session
 from uffdd.peer.testing import ServeProcess
 from uffdd.sources.peer import PeerSource
 from uffdd.testing import make_snapshot
@@ -45,26 +43,6 @@ def daemon_config(tmp_path: Path, snap: Path, link: Link, secret_file: Path, **s
                        {"fault_around": 0, "prefetch": {"enabled": False}})
 
 
-async def wait_pages(s: Session, n: int, timeout: float = 120) -> int:
-    """Until the session has installed ``n`` pages (polling its counters: nothing to await on)."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.005) + 1):
-        if s.stats.pages_filled >= n:
-            return s.stats.pages_filled
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.005)
-    raise TimeoutError(f"only {s.stats.pages_filled} pages after {timeout}s (wanted {n})")
-
-
-async def first_session(listener: Any) -> Session:
-    for _ in range(4000):
-        for s in listener.sessions.values():
-            return s  # type: ignore[no-any-return]
-        await asyncio.sleep(0.005)
-    raise TimeoutError("no session")
-
-
 @pytest.mark.timeout(400)
 async def test_256mib_guest_from_another_namespace_survives_two_link_cuts(
         tmp_path: Path, snapshot_256m: Path) -> None:
@@ -85,11 +63,11 @@ async def test_256mib_guest_from_another_namespace_survives_two_link_cuts(
                 src = s.source
                 assert isinstance(src, PeerSource)
                 total = s.stats.pages_total
-                cut_at = [await wait_pages(s, total // 5)]
+                cut_at = [await wait_pages(s, total // 5, timeout=120)]
                 link.cut_here()  # our interface down: the route is gone
                 await asyncio.sleep(1.0)
                 link.restore_here()
-                cut_at.append(await wait_pages(s, total // 2))
+                cut_at.append(await wait_pages(s, total // 2, timeout=120))
                 link.cut_far()  # the far end goes dark: only silence tells
                 await asyncio.sleep(1.0)
                 link.restore_far()

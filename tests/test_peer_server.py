@@ -16,13 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from uffdd.configbase import join_hostport
 from uffdd.errors import SourceError, SourceUnavailable
 from uffdd.peer import protocol as p
 from uffdd.peer.client import ClientOptions, PeerClient, PeerRefused
+from uffdd.peer.config import ClientTls, PeerLinkConfig, ServeLimits, ServerTls
 from uffdd.peer.image import Image
 from uffdd.peer.relay import Relay
-from uffdd.peer.server import PeerServer, ServerOptions
+from uffdd.peer.server import PeerServer
 from uffdd.peer.testing import TlsFiles, make_tls_files
+from uffdd.testing.waiting import eventually
 
 BS = p.BLOCK_SIZE
 SECRET = b"correct horse battery staple"
@@ -30,11 +33,11 @@ WAIT = 10.0
 
 
 @contextlib.asynccontextmanager
-async def serving(snapshot: Path, options: ServerOptions | None = None,
+async def serving(snapshot: Path, limits: ServeLimits | None = None, *, secret: bytes | None = None,
                   ssl_context: ssl.SSLContext | None = None, **images: Path) -> AsyncIterator[PeerServer]:
     imgs = {"default": Image.from_file("default", str(snapshot))}
     imgs.update({k: Image.from_file(k, str(v)) for k, v in images.items()})
-    server = PeerServer(imgs, options or ServerOptions(), ssl_context=ssl_context)
+    server = PeerServer(imgs, limits, secret=secret, ssl_context=ssl_context)
     await server.start("127.0.0.1", 0)
     try:
         yield server
@@ -42,11 +45,13 @@ async def serving(snapshot: Path, options: ServerOptions | None = None,
         await server.close()
 
 
-def client_opts(server: PeerServer, **kw: Any) -> ClientOptions:
-    base: dict[str, Any] = {"host": server.address[0], "port": server.address[1], "open_timeout": 3.0,
-                            "connect_timeout": 1.0, "deadline": 5.0}
-    base.update(kw)
-    return ClientOptions(**base)
+def client_opts(server: PeerServer, *, secret: bytes | None = None, host: str | None = None, port: int | None = None,
+                **kw: Any) -> ClientOptions:
+    """The client's options from its validated config, as the peer source builds them."""
+    settings: dict[str, Any] = {"open_timeout": 3.0, "connect_timeout": 1.0, "deadline": 5.0, **kw}
+    config = PeerLinkConfig(address=join_hostport(host or server.address[0], port or server.address[1]),
+                            secret=secret.decode() if secret is not None else None, **settings)
+    return ClientOptions.from_config(config)
 
 
 async def read_frame(r: asyncio.StreamReader) -> tuple[p.FrameType, int, int, bytes]:
@@ -71,7 +76,7 @@ async def raw_client(server: PeerServer, *, role: p.Role = p.Role.URGENT, image:
         if wrong_proof:
             proof = bytes(b ^ 1 for b in proof)
         w.write(p.encode_frame(p.FrameType.AUTH, proof))
-        if not wrong_proof and (secret or not server.options.secret):
+        if not wrong_proof and (secret or not server.secret):
             t, _, aux, payload = await read_frame(r)
             assert t is p.FrameType.WELCOME, (t, aux, payload)
     return r, w
@@ -118,7 +123,7 @@ HOSTILE: list[tuple[str, bytes, bool, p.ErrorCode | None]] = [
 
 async def test_hostile_frames_each_drop_only_their_own_connection(snapshot_4k: Path) -> None:
     data = snapshot_4k.read_bytes()
-    async with serving(snapshot_4k, ServerOptions(max_inflight=32)) as server:
+    async with serving(snapshot_4k, ServeLimits(max_inflight=32)) as server:
         healthy = PeerClient(client_opts(server))
         await healthy.open()
         stop = asyncio.Event()
@@ -143,8 +148,7 @@ async def test_hostile_frames_each_drop_only_their_own_connection(snapshot_4k: P
                 await expect_dropped(r, code)
                 w.close()
             before = fetched
-            await asyncio.sleep(0.2)
-            assert fetched > before  # the healthy client never noticed
+            await eventually(lambda: fetched > before, what="the healthy client fetching on")  # it never noticed
         finally:
             stop.set()
             await asyncio.wait_for(worker, WAIT)
@@ -155,7 +159,7 @@ async def test_hostile_frames_each_drop_only_their_own_connection(snapshot_4k: P
 
 
 async def test_wrong_client_proof_is_refused_with_auth_failed(snapshot_4k: Path) -> None:
-    async with serving(snapshot_4k, ServerOptions(secret=SECRET)) as server:
+    async with serving(snapshot_4k, secret=SECRET) as server:
         r, _ = await raw_client(server, secret=SECRET, wrong_proof=True)
         await expect_dropped(r, p.ErrorCode.AUTH_FAILED)
         r, _ = await raw_client(server, secret=None)
@@ -177,7 +181,7 @@ async def test_wrong_client_proof_is_refused_with_auth_failed(snapshot_4k: Path)
 ], ids=["wrong-secret", "no-secret", "server-without-auth"])
 async def test_peer_client_refuses_to_open_without_mutual_authentication(
         snapshot_4k: Path, client_secret: bytes | None, server_secret: bytes | None, needle: str) -> None:
-    async with serving(snapshot_4k, ServerOptions(secret=server_secret)) as server:
+    async with serving(snapshot_4k, secret=server_secret) as server:
         c = PeerClient(client_opts(server, secret=client_secret))
         with pytest.raises(PeerRefused, match=needle):
             await c.open()
@@ -192,14 +196,14 @@ async def test_unknown_image_is_refused_after_authentication(snapshot_4k: Path) 
 
 
 async def test_silent_client_is_dropped_after_the_handshake_timeout(snapshot_4k: Path) -> None:
-    async with serving(snapshot_4k, ServerOptions(handshake_timeout=0.3)) as server:
+    async with serving(snapshot_4k, ServeLimits(handshake_timeout=0.3)) as server:
         r, _ = await raw_client(server, handshake=False)
         msg = await expect_dropped(r, p.ErrorCode.TIMEOUT)
         assert "handshake" in msg
 
 
 async def test_connections_past_the_limit_are_refused_busy(snapshot_4k: Path) -> None:
-    async with serving(snapshot_4k, ServerOptions(max_connections=2)) as server:
+    async with serving(snapshot_4k, ServeLimits(max_connections=2)) as server:
         held = [await raw_client(server) for _ in range(2)]
         r, _ = await raw_client(server, handshake=False)
         await expect_dropped(r, p.ErrorCode.BUSY)
@@ -248,24 +252,18 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 
 def server_ctx(tls: TlsFiles, client_certs: bool = False) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tls.server_cert, tls.server_key)
-    if client_certs:
-        ctx.load_verify_locations(tls.ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return ServerTls(cert=str(tls.server_cert), key=str(tls.server_key),
+                     client_ca=str(tls.ca) if client_certs else None).context()
 
 
-def client_ctx(ca: Path, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    if cert:
-        ctx.load_cert_chain(*cert)
-    return ctx
+def client_tls(ca: Path, cert: tuple[Path, Path] | None = None) -> ClientTls:
+    return ClientTls(ca=str(ca), cert=str(cert[0]) if cert else None, key=str(cert[1]) if cert else None,
+                     server_name="localhost")
 
 
 async def test_tls_with_secret_serves_correct_pages(snapshot_4k: Path, tls: TlsFiles) -> None:
-    async with serving(snapshot_4k, ServerOptions(secret=SECRET), ssl_context=server_ctx(tls)) as server:
-        c = PeerClient(client_opts(server, secret=SECRET, ssl_context=client_ctx(tls.ca), server_hostname="localhost"))
+    async with serving(snapshot_4k, secret=SECRET, ssl_context=server_ctx(tls)) as server:
+        c = PeerClient(client_opts(server, secret=SECRET, tls=client_tls(tls.ca)))
         await c.open()
         buf = bytearray(64 * BS)
         await c.fill(1 << 20, memoryview(buf))
@@ -280,19 +278,19 @@ async def test_plaintext_client_is_refused_when_tls_is_required(snapshot_4k: Pat
         with pytest.raises(SourceUnavailable, match="not reachable"):
             await c.open()
         assert server.stats.handshakes_ok == 0
-        good = PeerClient(client_opts(server, ssl_context=client_ctx(tls.ca), server_hostname="localhost"))
+        good = PeerClient(client_opts(server, tls=client_tls(tls.ca)))
         await good.open()  # the server is unharmed
         await good.aclose()
 
 
 async def test_tls_client_refuses_an_untrusted_or_plaintext_server(snapshot_4k: Path, tls: TlsFiles) -> None:
     async with serving(snapshot_4k, ssl_context=server_ctx(tls)) as server:
-        c = PeerClient(client_opts(server, ssl_context=client_ctx(tls.other_ca), server_hostname="localhost",
+        c = PeerClient(client_opts(server, tls=client_tls(tls.other_ca),
                                    open_timeout=1.5))
         with pytest.raises(SourceUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             await c.open()
     async with serving(snapshot_4k) as plain:
-        c = PeerClient(client_opts(plain, ssl_context=client_ctx(tls.ca), server_hostname="localhost",
+        c = PeerClient(client_opts(plain, tls=client_tls(tls.ca),
                                    open_timeout=1.5))
         with pytest.raises(SourceUnavailable, match="not reachable"):
             await c.open()
@@ -300,12 +298,10 @@ async def test_tls_client_refuses_an_untrusted_or_plaintext_server(snapshot_4k: 
 
 async def test_client_certificate_is_required_when_configured(snapshot_4k: Path, tls: TlsFiles) -> None:
     async with serving(snapshot_4k, ssl_context=server_ctx(tls, client_certs=True)) as server:
-        anon = PeerClient(client_opts(server, ssl_context=client_ctx(tls.ca), server_hostname="localhost",
-                                      open_timeout=1.5))
+        anon = PeerClient(client_opts(server, tls=client_tls(tls.ca), open_timeout=1.5))
         with pytest.raises(SourceUnavailable):
             await anon.open()
-        ok = PeerClient(client_opts(server, ssl_context=client_ctx(tls.ca, (tls.client_cert, tls.client_key)),
-                                    server_hostname="localhost"))
+        ok = PeerClient(client_opts(server, tls=client_tls(tls.ca, (tls.client_cert, tls.client_key))))
         await ok.open()
         buf = bytearray(BS)
         await ok.fill(0, memoryview(buf))
@@ -331,7 +327,7 @@ def test_fuzzed_frame_sequences_only_ever_cost_the_sender_its_connection(
     data = snapshot_4k.read_bytes()
 
     async def scenario() -> None:
-        async with serving(snapshot_4k, ServerOptions(max_inflight=8, handshake_timeout=1.0)) as server:
+        async with serving(snapshot_4k, ServeLimits(max_inflight=8, handshake_timeout=1.0)) as server:
             good = PeerClient(client_opts(server))
             await good.open()
             r, w = await raw_client(server, handshake=handshake)
@@ -391,7 +387,7 @@ async def test_demand_fills_never_wait_behind_a_stalled_bulk_connection(snapshot
             await c.open()
             big = bytearray(8 << 20)
             prefetch = asyncio.create_task(c.prefetch(0, memoryview(big)))
-            await asyncio.sleep(0.2)
+            await eventually(lambda: c.bulk is not None and c.bulk.inflight > 0, what="prefetch sent into the stall")
             buf = bytearray(BS)
             t0 = asyncio.get_running_loop().time()
             for i in range(200):
@@ -408,7 +404,7 @@ async def test_demand_fills_never_wait_behind_a_stalled_bulk_connection(snapshot
 
 
 async def test_bulk_bytes_are_rationed_while_a_demand_fill_waits_and_never_starved(snapshot_4k: Path) -> None:
-    from uffdd.peer.client import BULK_SLICE, HOLD_SLICE_S
+    from uffdd.peer.client.connection import BULK_SLICE, HOLD_SLICE_S
 
     async with serving(snapshot_4k) as server:
         stall = SwallowAfterHandshake(stall=1)  # the urgent connection hangs after its handshake
@@ -420,7 +416,7 @@ async def test_bulk_bytes_are_rationed_while_a_demand_fill_waits_and_never_starv
             big = bytearray(8 << 20)
             await c.prefetch(0, memoryview(big))  # warm: both connections up
             fill = asyncio.create_task(c.fill(0, memoryview(bytearray(BS))))
-            await asyncio.sleep(0.01)
+            await eventually(lambda: c.urgent.busy, what="a demand fill waiting")  # the bulk side is held now
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             await asyncio.wait_for(c.prefetch(8 << 20, memoryview(big)), 30)  # rationed, yet it completes

@@ -18,17 +18,19 @@ from typing import Any
 import pytest
 import structlog
 
-from tests.conftest import HUGE, Daemon, make_config, running_daemon
+from tests.conftest import HUGE, first_session, make_config, running_daemon, wait_pages
 from uffdd.core import Session
 from uffdd.errors import SourceError
 from uffdd.peer import protocol as p
 from uffdd.peer.client import ClientOptions, PeerClient
+from uffdd.peer.config import PeerLinkConfig, ServeLimits
 from uffdd.peer.image import Image
 from uffdd.peer.relay import Relay
 from uffdd.peer.serve import VmmHandover
-from uffdd.peer.server import PeerServer, ServerOptions
+from uffdd.peer.server import PeerServer
 from uffdd.peer.testing import DataTamperer, JunkInjector, ServeProcess
 from uffdd.sources.peer import PeerSource
+from uffdd.testing.waiting import eventually
 
 MIB = 1 << 20
 FAST_RECOVERY = {"keepalive": 0.1, "io_timeout": 0.6, "reconnect_min": 0.02, "reconnect_max": 0.2,
@@ -52,30 +54,15 @@ def peer_config(tmp_path: Path, snapshot: Path, address: tuple[str, int], *, pre
 
 
 @contextlib.asynccontextmanager
-async def peer_server(snapshot: Path, **options: Any) -> AsyncIterator[PeerServer]:
-    server = PeerServer({"default": Image.from_file("default", str(snapshot))}, ServerOptions(**options))
+async def peer_server(snapshot: Path, *, secret: bytes | None = None, compression: bool = True,
+                      **limits: Any) -> AsyncIterator[PeerServer]:
+    server = PeerServer({"default": Image.from_file("default", str(snapshot))}, ServeLimits(**limits),
+                        secret=secret, compression=compression)
     await server.start("127.0.0.1", 0)
     try:
         yield server
     finally:
         await server.close()
-
-
-async def first_session(d: Daemon, timeout: float = 20) -> Session:
-    for _ in range(int(timeout / 0.005)):
-        for s in d.listener.sessions.values():
-            return s
-        await asyncio.sleep(0.005)
-    raise TimeoutError("no session started")
-
-
-async def wait_pages(s: Session, n: int, timeout: float = 60) -> None:
-    """Until the session has installed ``n`` pages (polling its counters: nothing to await on)."""
-    for _ in range(int(timeout / 0.002)):
-        if s.stats.pages_filled >= n:
-            return
-        await asyncio.sleep(0.002)
-    raise TimeoutError(f"{s.stats.pages_filled} pages after {timeout}s, wanted {n}")
 
 
 def peer_source(s: Session) -> PeerSource:
@@ -87,7 +74,7 @@ async def test_every_page_arrives_correct_with_zero_pages_sent_as_a_flag(tmp_pat
     async with peer_server(snapshot_4k) as server, \
             running_daemon(peer_config(tmp_path, snapshot_4k, server.address), snapshot_4k) as d:
         vmm = d.start_vmm(region_sizes=[8 * MIB, 4 * MIB], region_gap=MIB, threads=4, prepopulate=0.2)
-        src = peer_source(await first_session(d))
+        src = peer_source(await first_session(d.listener))
         res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         assert_all_correct(res)
         stats = server.collect()
@@ -109,13 +96,14 @@ async def test_prefetch_uses_the_bulk_connection_and_faults_the_urgent_one(tmp_p
     async with peer_server(snapshot_4k) as server, \
             running_daemon(peer_config(tmp_path, snapshot_4k, server.address, prefetch=True), snapshot_4k) as d:
         vmm = d.start_vmm(region_sizes=[24 * MIB], threads=2, start_delay=0.3)
-        s = await first_session(d)
+        s = await first_session(d.listener)
         roles: set[str] = set()
-        for _ in range(200):
-            roles |= {c.role.name for c in server.connections}
-            if len(roles) == 2:
-                break
-            await asyncio.sleep(0.01)
+
+        def both_roles_seen() -> bool:
+            roles.update(c.role.name for c in server.connections)
+            return len(roles) == 2
+
+        await eventually(both_roles_seen, timeout=20, what="an urgent and a bulk connection")
         res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         assert_all_correct(res)
         assert roles == {"URGENT", "BULK"}
@@ -133,7 +121,7 @@ async def test_link_cut_mid_migration_reconnects_and_resends_with_zero_wrong_pag
         try:
             async with running_daemon(peer_config(tmp_path, snapshot_4k, addr), snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[16 * MIB], threads=4)
-                src = peer_source(await first_session(d))
+                src = peer_source(await first_session(d.listener))
                 res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
             await relay.close()
@@ -151,12 +139,15 @@ async def test_server_restart_mid_migration_completes_with_zero_wrong_pages(tmp_
         port = serve.address[1]
         async with running_daemon(peer_config(tmp_path, snapshot_4k, serve.address), snapshot_4k) as d:
             vmm = d.start_vmm(region_sizes=[24 * MIB], threads=2)
-            s = await first_session(d)
+            s = await first_session(d.listener)
             await wait_pages(s, 1500)
+            src = peer_source(s)
+            failures = src.stats.connect_failures
             serve.kill()  # SIGKILL: no goodbye
             killed_at = s.stats.pages_filled
-            await asyncio.sleep(0.5)
-            assert s.stats.pages_filled - killed_at < 16  # vCPUs wait, they do not get zeros
+            # The client finds the server gone: its reconnects are refused, again and again...
+            await eventually(lambda: src.stats.connect_failures >= failures + 3, what="reconnects refused")
+            assert s.stats.pages_filled - killed_at < 16  # ... and meanwhile vCPUs wait, they get no zeros
             serve = ServeProcess(["--image", str(snapshot_4k), "--listen", f"127.0.0.1:{port}"],
                                  tmp_path / "serve2.log")
             await asyncio.to_thread(serve.start)
@@ -177,7 +168,7 @@ async def test_corrupted_pages_are_refetched_and_never_installed(tmp_path: Path,
         try:
             async with running_daemon(peer_config(tmp_path, snapshot_4k, addr), snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[16 * MIB], threads=4)
-                src = peer_source(await first_session(d))
+                src = peer_source(await first_session(d.listener))
                 res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
             await relay.close()
@@ -205,7 +196,7 @@ async def test_malformed_frames_from_the_server_cost_one_connection_and_no_page(
         try:
             async with running_daemon(peer_config(tmp_path, snapshot_4k, addr), snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[8 * MIB], threads=4)
-                src = peer_source(await first_session(d))
+                src = peer_source(await first_session(d.listener))
                 res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
             await relay.close()
@@ -223,16 +214,12 @@ async def test_source_unreachable_past_deadline_is_loud_then_recovers_without_ze
             cfg = peer_config(tmp_path, snapshot_4k, addr, deadline=0.4)
             async with running_daemon(cfg, snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[8 * MIB], threads=2, start_delay=0.5)
-                s = await first_session(d)
+                s = await first_session(d.listener)
                 src = peer_source(s)
                 with structlog.testing.capture_logs() as logs:
                     relay.cut(2.5)  # before the vCPUs start: every fault waits through the outage
-                    for _ in range(300):
-                        if src.unreachable is not None:
-                            break
-                        await asyncio.sleep(0.01)
-                    assert src.unreachable is not None
-                    assert "unreachable" in str(src.unreachable)
+                    unreachable = await eventually(lambda: src.unreachable, what="the source declared unreachable")
+                    assert "unreachable" in str(unreachable)
                     filled = s.stats.pages_filled
                     res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
@@ -249,8 +236,9 @@ async def test_a_different_image_after_reconnect_is_refused(tmp_path: Path, snap
     other.write_bytes(snapshot_4k.read_bytes())  # same bytes, another file: another image
     async with peer_server(snapshot_4k) as first:
         host, port = first.address
-        c = PeerClient(ClientOptions(host=host, port=port, keepalive=0.1, io_timeout=0.6, reconnect_min=0.02,
-                                     reconnect_max=0.2, connect_timeout=0.5))
+        c = PeerClient(ClientOptions.from_config(PeerLinkConfig(
+            address=f"{host}:{port}", keepalive=0.1, io_timeout=0.6, reconnect_min=0.02, reconnect_max=0.2,
+            connect_timeout=0.5)))
         await c.open()
         buf = bytearray(4096)
         await c.fill(0, memoryview(buf))
@@ -297,11 +285,7 @@ async def test_live_guest_memfd_handed_over_by_the_source_vmm_is_served(tmp_path
             res = await d.run_vmm(region_sizes=[16 * MIB, 4 * MIB], vm_id="guest")
             assert res["stage"] == "handshake" and "page source" in res["error"]
         vmm_conn.close()  # the source VMM goes away: its memory is withdrawn
-        for _ in range(200):
-            if "guest" not in server.images:
-                break
-            await asyncio.sleep(0.01)
-        assert "guest" not in server.images
+        await eventually(lambda: "guest" not in server.images, what="the live image withdrawn")
     finally:
         for c in held:
             c.close()
@@ -344,7 +328,7 @@ def test_peer_source_config_refuses_bad_values_naming_the_key(tmp_path: Path, sn
 async def test_fill_of_a_partly_unreadable_range_raises_and_leaves_nothing_half_done(snapshot_4k: Path) -> None:
     """A fill that cannot complete raises; it never returns with the destination partly written."""
     async with peer_server(snapshot_4k) as server:
-        c = PeerClient(ClientOptions(host=server.address[0], port=server.address[1]))
+        c = PeerClient(ClientOptions.from_config(PeerLinkConfig(address=f"{server.address[0]}:{server.address[1]}")))
         await c.open()
         buf = bytearray(8 * 4096)
         with pytest.raises(SourceError, match="past the end"):

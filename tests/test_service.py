@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import DaemonProcess
+from uffdd.service.control import query
 from uffdd.testing import VmmProcess, VmmSpec
+from uffdd.testing.waiting import wait_until
 
 MIB = 1 << 20
 
@@ -101,6 +101,20 @@ def test_ready_and_stopping_are_sent_to_the_notify_socket(
         assert d.proc.wait(10) == 0
 
 
+def scrape_until(port: int, needle: str) -> str:
+    """The first scrape of the metrics endpoint that shows ``needle`` (an ended session's
+    counters are folded in as it is released, just after the VMM has its answer)."""
+    def scrape() -> str:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return text if needle in text else ""
+
+    return wait_until(scrape, what=f"{needle!r} in the metrics")
+
+
+def logged(d: DaemonProcess, event: str) -> bool:
+    return any(e["event"] == event for e in d.log_lines())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,33 +126,25 @@ def test_metrics_endpoint_counts_faults_and_pages_of_ended_sessions(
     port = _free_port()
     d = daemon_process(metrics={"listen": f"127.0.0.1:{port}"})
     _vmm(d, snapshot_4k)
-    text = ""
-    for _ in range(100):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        if "uffdd_pages_filled_total 1024.0" in text:
-            break
-        asyncio.run(asyncio.sleep(0.05))
-    assert "uffdd_pages_filled_total 1024.0" in text
+    text = scrape_until(port, "uffdd_pages_filled_total 1024.0")
     assert "uffdd_sessions_total 1.0" in text
     assert "uffdd_fault_service_seconds_bucket" in text
     d.stop()
 
 
 def test_sigterm_waits_for_a_live_session_and_a_second_one_ends_it(
-        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path) -> None:
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
     d = daemon_process()
     spec = VmmSpec(socket=d.socket, snapshot=str(snapshot_4k), region_sizes=[4 * MIB], threads=1, vm_id="svc",
                    start_delay=30)
     vmm = VmmProcess(spec)
     try:
-        for _ in range(200):
-            if any(e["event"] == "session_start" for e in d.log_lines()):
-                break
-            asyncio.run(asyncio.sleep(0.02))
+        wait_until(lambda: logged(d, "session_start"))
         d.proc.send_signal(signal.SIGTERM)
-        asyncio.run(asyncio.sleep(0.5))
+        wait_until(lambda: logged(d, "waiting_for_sessions"))  # the signal was handled: it chose to wait
         assert d.proc.poll() is None  # a guest is never cut off by the first signal
-        assert any(e["event"] == "waiting_for_sessions" for e in d.log_lines())
+        doc = query(str(tmp_path / "d.ctl"))  # ... and its session is still served, answering status
+        assert [s["vm_id"] for s in doc["sessions"]] == ["svc"]
         assert d.stop(signal.SIGTERM) == 0
     finally:
         vmm.kill()
@@ -156,10 +162,7 @@ def test_status_prints_the_live_sessions_from_the_control_socket(
                    start_delay=30)
     vmm = VmmProcess(spec)
     try:
-        for _ in range(300):
-            if any(e["event"] == "session_start" for e in d.log_lines()):
-                break
-            time.sleep(0.02)
+        wait_until(lambda: logged(d, "session_start"))
         out = _uffdd("status", "-c", str(tmp_path / "uffdd.yaml"))
         assert out.returncode == 0, out.stderr
         assert "1 live session(s)" in out.stdout
@@ -188,12 +191,7 @@ def test_metrics_break_pages_down_by_source_and_path_and_count_errors_by_kind(
         s.sendall(b"[]")
         s.makefile("rb").readline()
     _vmm(d, snapshot_4k)
-    text = ""
-    for _ in range(100):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        if "uffdd_pages_filled_total 1024.0" in text:
-            break
-        time.sleep(0.05)
+    text = scrape_until(port, "uffdd_pages_filled_total 1024.0")
     from prometheus_client.parser import text_string_to_metric_families
 
     series = {(smp.name, frozenset(smp.labels.items())): smp.value
@@ -230,12 +228,12 @@ def test_peer_recovery_counters_are_exported_per_session() -> None:
     from types import SimpleNamespace
 
     from uffdd.peer.client import PeerStats
-    from uffdd.service.metrics import _peer_metrics
+    from uffdd.service.metrics import peer_metrics
 
     stats = PeerStats(reconnects=2, requests_resent=17, checksum_failures=1)
     peer = SimpleNamespace(id="s1", vm_id="vm", source=SimpleNamespace(stats=stats, unreachable=None))
     filed = SimpleNamespace(id="s2", vm_id="vm2", source=SimpleNamespace())  # no peer counters
-    families = {f.name: f for f in _peer_metrics([peer, filed])}  # type: ignore[list-item]
+    families = {f.name: f for f in peer_metrics([peer, filed])}  # type: ignore[list-item]
     values = {name: [(s.labels, s.value) for s in f.samples if s.name.endswith("_total") or s.name == name]
               for name, f in families.items()}
     assert values["uffdd_peer_reconnects"] == [({"session": "s1", "vm_id": "vm"}, 2.0)]

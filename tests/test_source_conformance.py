@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from uffdd.peer.image import Image
-from uffdd.peer.server import PeerServer, ServerOptions
+from uffdd.peer.server import PeerServer
 from uffdd.sources import BUILTIN_SOURCES, PageSource
 from uffdd.sources.file import FileSource, FileSourceConfig
 from uffdd.sources.peer import PeerSource, PeerSourceConfig
@@ -46,7 +46,7 @@ async def file_source_on_tmpfs(snapshot: Path) -> AsyncIterator[PageSource]:
 
 @contextlib.asynccontextmanager
 async def peer_source(snapshot: Path, **options: Any) -> AsyncIterator[PageSource]:
-    server = PeerServer({"default": Image.from_file("default", str(snapshot))}, ServerOptions())
+    server = PeerServer({"default": Image.from_file("default", str(snapshot))})
     await server.start("127.0.0.1", 0)
     host, port = server.address
     try:

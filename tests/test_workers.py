@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 
 from tests.supervisor import Supervisor
 from tests.test_restart import (
+    MOMENT,
     PAGES,
     REGIONS,
     assert_guest_whole,
@@ -30,7 +31,10 @@ from tests.test_restart import (
 from uffdd.config import parse_config
 from uffdd.errors import ConfigError
 from uffdd.service.control import query
+from uffdd.service.manager import COUNTS_FIELD, StatusCounts
+from uffdd.service.supervisor.notify import Worker, parse_fields
 from uffdd.testing import VmmProcess, VmmSpec
+from uffdd.testing.waiting import NotYet, wait_until
 
 TWO = {"workers": 2}
 
@@ -53,18 +57,20 @@ def parent_status(tmp_path: Path) -> dict[str, Any]:
     return query(str(tmp_path / "uffdd.ctl"))
 
 
+def exited(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by whoever adopted it counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
 def gone(pid: int, timeout: float = 5) -> bool:
-    """The process has exited (a zombie not yet reaped by whoever adopted it counts as gone)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)
-    return False
+    try:
+        return wait_until(lambda: exited(pid), timeout=timeout)
+    except NotYet:
+        return False
 
 
 def workers_with_sessions(sup: Supervisor) -> dict[int, set[str]]:
@@ -121,10 +127,8 @@ def test_a_worker_killed_mid_migration_is_replaced_and_its_sessions_resume_with_
             victim, sids = max(workers_with_sessions(sup).items(), key=lambda kv: len(kv[1]))
             states = [sup.stored_fd(f"w{victim}.{sid}.state") for sid in sorted(sids)]
             try:
-                deadline = time.monotonic() + 20
-                while min(filled(fd, PAGES) for fd in states) < PAGES // 5:
-                    assert time.monotonic() < deadline, [filled(fd, PAGES) for fd in states]
-                    time.sleep(0.0005)
+                wait_until(lambda: min(filled(fd, PAGES) for fd in states) >= PAGES // 5, timeout=20,
+                           max_interval=MOMENT, what="a fifth of every guest filled")
                 pid = parent_status(tmp_path)["workers"][victim]["pid"]
                 os.kill(pid, signal.SIGKILL)
                 at_kill = [filled(fd, PAGES) for fd in states]
@@ -160,10 +164,8 @@ def test_a_killed_parent_takes_its_workers_along_and_the_restarted_one_resumes_e
             name = next(n for n in sup.stored_names() if n.endswith(".state"))
             state = sup.stored_fd(name)
             try:
-                deadline = time.monotonic() + 20
-                while filled(state, PAGES) < PAGES // 4:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.0005)
+                wait_until(lambda: filled(state, PAGES) >= PAGES // 4, timeout=20, max_interval=MOMENT,
+                           what="a quarter of the guest filled")
                 sup.kill(signal.SIGKILL)
             finally:
                 os.close(state)
@@ -221,3 +223,69 @@ def test_workers_key_accepts_a_count_or_auto_and_refuses_zero() -> None:
     assert parse_config({"workers": "auto"}).worker_count == len(os.sched_getaffinity(0))
     with pytest.raises(ConfigError, match="workers"):
         parse_config({"workers": 0})
+
+
+# --- the structured status a worker sends its parent ---------------------------------------------
+
+def test_counts_travel_as_one_json_field_and_read_back_equal() -> None:
+    counts = StatusCounts(sessions=2, pages_to_go=10, served=5, faults=100, resumed=1, unresumed=1)
+    key, _, value = counts.encode().partition("=")
+    assert key == COUNTS_FIELD and key.startswith("X_")  # sd_notify(3): a service's own fields
+    assert StatusCounts.decode(value) == counts
+    assert counts.line() == "2 session(s), 10 page(s) to go; 5 served; 100 faults; 1 resumed; 1 NOT resumed (see log)"
+    assert StatusCounts().line() == "0 session(s), 0 page(s) to go; 0 served; 0 faults"
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("[1, 2]", "expected a JSON object"),
+    ('{"sessions": -1}', "sessions must be a count"),
+    ('{"faults": true}', "faults must be a count"),
+    ('{"served": "5"}', "served must be a count"),
+    ("sessions=3", "Expecting value"),
+])
+def test_counts_that_are_not_counts_are_refused(value: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        StatusCounts.decode(value)
+
+
+def test_counts_from_a_newer_worker_keep_what_this_parent_knows() -> None:
+    assert StatusCounts.decode('{"sessions": 3, "wings": 2}') == StatusCounts(sessions=3)
+
+
+def worker(index: int) -> Worker:
+    return Worker(index=index, notify=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), notify_path="")
+
+
+def test_the_parent_adds_up_the_workers_counts_and_keeps_the_last_good_ones() -> None:
+    ws = [worker(0), worker(1)]
+    try:
+        msg = parse_fields(b"READY=1\nSTATUS=words nobody parses\n" +
+                           StatusCounts(sessions=1, pages_to_go=7, served=4, faults=9).encode().encode())
+        assert ws[0].apply(msg, watchdog_usec=None) == (True, True)
+        assert ws[0].status == "words nobody parses"
+        ws[1].apply(parse_fields(StatusCounts(sessions=2, served=3, faults=1, resumed=2).encode().encode()),
+                    watchdog_usec=None)
+        changed, ready = ws[1].apply({COUNTS_FIELD: "garbage"}, watchdog_usec=None)  # logged, not applied
+        assert (changed, ready) == (False, False)
+        assert sum((w.counts for w in ws), StatusCounts()) == \
+            StatusCounts(sessions=3, pages_to_go=7, served=7, faults=10, resumed=2)
+    finally:
+        for w in ws:
+            w.close()
+
+
+def test_a_workers_stored_descriptors_are_kept_until_it_removes_them() -> None:
+    w = worker(3)
+    r, wr = os.pipe()
+    try:
+        w.keep_fds(parse_fields(b"FDSTORE=1\nFDNAME=s1.conn"), [r], mirror=False)
+        w.keep_fds(parse_fields(b"FDSTORE=1\nFDNAME=bad:name"), [wr], mirror=False)  # refused, closed
+        assert [(s.name, s.fd) for s in w.store] == [("s1.conn", r)]
+        with pytest.raises(OSError):
+            os.fstat(wr)
+        w.keep_fds(parse_fields(b"FDSTOREREMOVE=1\nFDNAME=s1.conn"), [], mirror=False)
+        assert w.store == []
+        with pytest.raises(OSError):
+            os.fstat(r)
+    finally:
+        w.close()

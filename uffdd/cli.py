@@ -29,7 +29,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from uffdd import logs
     from uffdd.config import load_config
     from uffdd.service.daemon import serve
-    from uffdd.service.workers import WorkerListener, become_worker, supervise, worker_config, worker_index
+    from uffdd.service.supervisor import become_worker, run_worker, supervise, worker_index
 
     config = load_config(args.config)
     logs.configure(config.log.format, config.log.level)
@@ -39,8 +39,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if index is None:
         return int(uvloop.run(serve(config, config_path=args.config)))
     become_worker(index, pin=config.pin_workers)
-    return int(uvloop.run(serve(worker_config(config, index), config_path=args.config,
-                                adjust=lambda c: worker_config(c, index), listener_cls=WorkerListener)))
+    return int(uvloop.run(run_worker(config, config_path=args.config, index=index)))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

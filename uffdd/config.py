@@ -6,36 +6,49 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from uffdd.configbase import StrictModel, describe_validation_error, parse_hostport, read_yaml, validate
 from uffdd.errors import ConfigError
 from uffdd.sources import SourceConfig, source_class
 
+METRICS_DEFAULT_HOST = "127.0.0.1"
+"""The host of a ``metrics.listen`` given as ``:PORT``."""
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class LogConfig(_Strict):
+class LogConfig(StrictModel):
     format: Literal["auto", "console", "json"] = "auto"
     """auto: console on a TTY, JSON lines otherwise (journald, files)."""
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(StrictModel):
     listen: str | None = None
     """HOST:PORT of the Prometheus endpoint; unset: no endpoint."""
 
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hostport(value, default_host=METRICS_DEFAULT_HOST)
+        return value
 
-class HandshakeConfig(_Strict):
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to serve metrics on; None: no endpoint."""
+        if self.listen is None:
+            return None
+        return parse_hostport(self.listen, default_host=METRICS_DEFAULT_HOST)
+
+
+class HandshakeConfig(StrictModel):
     timeout: float = Field(default=5.0, gt=0, le=300)
     """Seconds a VMM has to send the whole handshake after connecting."""
     max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     """Largest handshake body accepted."""
 
 
-class PrefetchConfig(_Strict):
+class PrefetchConfig(StrictModel):
     enabled: bool = True
     """Fetch every page not yet filled in the background, after demand faults."""
     chunk: int = Field(default=4 << 20, ge=4096, le=256 << 20)
@@ -46,7 +59,7 @@ class PrefetchConfig(_Strict):
     """Bytes of background reads in flight at once."""
 
 
-class SessionConfig(_Strict):
+class SessionConfig(StrictModel):
     fault_around: int = Field(default=65536, ge=0, le=2 << 20)
     """Bytes filled around a demand fault (an aligned block, one CONTINUE); 0 or one page: off."""
     prefetch: PrefetchConfig = PrefetchConfig()
@@ -59,19 +72,19 @@ class SessionConfig(_Strict):
     false: the same path in Python."""
 
 
-class ControlConfig(_Strict):
+class ControlConfig(StrictModel):
     listen: str | None = None
     """Unix socket that `uffdd status` reads; unset: next to ``listen``, ending in ``.ctl``."""
 
 
-class ShutdownConfig(_Strict):
+class ShutdownConfig(StrictModel):
     on_sigterm: Literal["wait", "handover"] = "wait"
     """wait: stop accepting and wait for the sessions to end (a second signal hands them over
     to the fd store, or ends them without one); handover: leave them in the service manager's
     fd store at once and exit, for the next start to resume (needs FileDescriptorStoreMax=)."""
 
 
-class Config(_Strict):
+class Config(StrictModel):
     listen: str = "/run/uffdd/uffdd.sock"
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
     log: LogConfig = LogConfig()
@@ -81,7 +94,7 @@ class Config(_Strict):
     control: ControlConfig = ControlConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     workers: int | Literal["auto"] = "auto"
-    """Worker processes sharing the socket (uffdd.service.workers); "auto": one per CPU this
+    """Worker processes sharing the socket (uffdd.service.supervisor); "auto": one per CPU this
     process may run on (systemd's CPUAffinity= narrows it). 1: a single process, no parent."""
     pin_workers: bool = True
     """Each worker runs on one CPU of that set (worker i on the i-th, round-robin): a worker
@@ -129,45 +142,11 @@ class Config(_Strict):
         return out
 
 
-def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line per pydantic error, each naming the dotted key (prefixed) and what is wrong."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        key = ".".join(p for p in (prefix, loc) if p) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
-            msg = str(err["ctx"]["error"])
-            if msg.startswith(key):  # the nested validator already named the full key
-                parts.append(msg)
-                continue
-        parts.append(f"{key}: {msg}")
-    return "; ".join(parts)
-
-
 def parse_config(data: Any, origin: str = "<config>") -> Config:
     """Validate already-loaded YAML data."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
+    return validate(Config, data, origin)
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return parse_config(data, str(p))
+    return parse_config(read_yaml(path), str(path))

@@ -1,14 +1,71 @@
-"""Binding a Unix stream socket the way every uffdd listener does."""
+"""Unix sockets as every part of uffdd uses them.
+
+- binding a stream socket (a stale socket file is replaced, never another kind of file);
+- ancillary data: the fds (SCM_RIGHTS) and the sender's pid (SCM_CREDENTIALS) a message carried;
+- the VMM handshake: a JSON body that may span several reads, with its fds;
+- :class:`UnixServer`: each accepted connection in its own task of one ``asyncio.TaskGroup``.
+
+Used by the daemon's listener, ``uffdd serve``'s VMM handover, the control socket and the worker
+supervisor's notify sockets.
+"""
 
 from __future__ import annotations
 
+import array
+import asyncio
 import contextlib
+import json
+import os
 import socket
 import stat
+import struct
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-from uffdd.errors import ConfigError
+import structlog
 
+from uffdd import handshake as hs_mod
+from uffdd.errors import ConfigError, HandshakeError
+
+log = structlog.get_logger("uffdd.unixsock")
+
+FD_SIZE = array.array("i").itemsize
+UCRED = struct.Struct("iII")  # pid, uid, gid
+ACCEPT_RETRY_S = 0.1
+"""After a failed accept() (EMFILE, ENOBUFS), the next try comes this much later."""
+
+
+# --- descriptors and ancillary data ------------------------------------------------------------
+
+def ancillary_space(max_fds: int, *, credentials: bool = False) -> int:
+    """The ancillary buffer size for up to ``max_fds`` fds (and the sender's credentials)."""
+    return socket.CMSG_SPACE(max_fds * FD_SIZE) + (socket.CMSG_SPACE(UCRED.size) if credentials else 0)
+
+
+def parse_ancillary(anc: Iterable[tuple[int, int, bytes]]) -> tuple[list[int], int]:
+    """The fds received (now open in this process: the caller owns them) and the sender's pid
+    (0 when no credentials came along)."""
+    fds: list[int] = []
+    pid = 0
+    for level, typ, cdata in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(cdata[: len(cdata) - len(cdata) % FD_SIZE])
+            fds.extend(got)
+        elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+            pid = UCRED.unpack(cdata[: UCRED.size])[0]
+    return fds, pid
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close each fd, ignoring those already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# --- binding and waiting -----------------------------------------------------------------------
 
 def bind_unix(path: str, *, backlog: int, key: str) -> socket.socket:
     """Bind and listen on ``path``, replacing a stale socket file but never another kind of file
@@ -27,3 +84,190 @@ def bind_unix(path: str, *, backlog: int, key: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    """Until ``sock`` has something to read (or a connection to accept)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+# --- the VMM handshake -------------------------------------------------------------------------
+
+async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: float,
+                            max_fds: int = 2) -> tuple[bytes, list[int]]:
+    """Read one handshake: a JSON body that may span several reads, plus SCM_RIGHTS fds.
+
+    On error every received fd is closed and HandshakeError says what was wrong.
+    """
+    body = bytearray()
+    fds: list[int] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not hs_mod.body_complete(bytes(body)):
+                await wait_readable(sock)
+                try:
+                    data, anc, flags, _ = sock.recvmsg(65536, ancillary_space(max_fds))
+                except (BlockingIOError, InterruptedError):
+                    continue
+                fds.extend(parse_ancillary(anc)[0])
+                if flags & socket.MSG_CTRUNC:
+                    raise HandshakeError(f"too many file descriptors: send [uffd, memfd] (at most {max_fds})")
+                if not data:
+                    raise HandshakeError(
+                        "connection closed before the handshake was complete"
+                        if body else "connection closed without a handshake")
+                body += data
+                if len(body) > max_bytes:
+                    raise HandshakeError(f"handshake longer than {max_bytes} bytes")
+    except TimeoutError:
+        close_fds(fds)
+        raise HandshakeError(
+            f"no complete handshake within {timeout:g}s (got {len(body)} bytes)") from None
+    except BaseException:
+        close_fds(fds)
+        raise
+    return bytes(body), fds
+
+
+async def send_line(conn: socket.socket, doc: dict[str, Any]) -> None:
+    """Send ``doc`` as one JSON line; a peer that is gone is not an error here."""
+    with contextlib.suppress(OSError):
+        await asyncio.get_running_loop().sock_sendall(conn, (json.dumps(doc) + "\n").encode())
+
+
+async def until_eof(conn: socket.socket) -> None:
+    """Read (and drop) what the peer sends until it hangs up."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data = await loop.sock_recv(conn, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+
+
+# --- a server: one task per connection, all in one TaskGroup -------------------------------------
+
+Accept = Callable[[socket.socket], Awaitable[socket.socket]]
+
+
+async def accept_connection(sock: socket.socket) -> socket.socket:
+    """The default accept step: the next connection, non-blocking."""
+    conn, _ = await asyncio.get_running_loop().sock_accept(sock)
+    return conn
+
+
+class UnixServer:
+    """Runs ``handler(conn)`` for every connection accepted on a listening socket, each in its own
+    task of one ``asyncio.TaskGroup``.
+
+    A connection's unexpected error is logged and ends that connection alone: no task of the
+    group ever raises, so none takes the others down. The group lives from :meth:`open` (or
+    :meth:`start`) to :meth:`close`, which cancels every task and waits for them; tasks that must
+    run before accepting (resumed sessions) go in with :meth:`spawn`.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], Awaitable[None]], *, name: str,
+                 accept: Accept = accept_connection, on_count: Callable[[int], None] | None = None) -> None:
+        self.handler = handler
+        self.name = name
+        self._accept = accept
+        self.on_count = on_count
+        """Called with the new number of connections whenever it changes."""
+        self.connections = 0
+        """Connections (spawned tasks) running now."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._accepting: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Open the task group (idempotent)."""
+        if self._runner is not None:
+            return
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[asyncio.TaskGroup] = loop.create_future()
+        self._runner = loop.create_task(self._hold(opened), name=f"uffdd-{self.name}")
+        self._group = await opened
+
+    async def _hold(self, opened: asyncio.Future[asyncio.TaskGroup]) -> None:
+        async with asyncio.TaskGroup() as group:
+            opened.set_result(group)
+            await asyncio.get_running_loop().create_future()  # until close() cancels us
+
+    async def start(self, sock: socket.socket) -> None:
+        """Accept on ``sock`` (bound and listening) until :meth:`stop_accepting` or :meth:`close`."""
+        await self.open()
+        assert self._group is not None
+        sock.setblocking(False)
+        self._accepting = self._group.create_task(self._accept_loop(sock))
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn = await self._accept(sock)
+            except OSError as exc:  # out of fds or buffers: keep the socket, the backlog waits
+                log.error("accept_failed", server=self.name, error=str(exc))
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            conn.setblocking(False)
+            self.spawn(self.handler, conn)
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> asyncio.Task[None]:
+        """Run ``fn(*args)`` as one more connection of the group (counted from now on: a worker
+        publishes its load before it accepts again). The group keeps the task."""
+        assert self._group is not None, "open() the server first"
+        task = self._group.create_task(self._guarded(fn, args))
+        self._count(+1)
+        return task
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            log.exception("connection_failed", server=self.name, handler=getattr(fn, "__name__", repr(fn)))
+        finally:
+            self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.connections += delta
+        if self.connections:
+            self._idle.clear()
+        else:
+            self._idle.set()
+        if self.on_count is not None:
+            self.on_count(self.connections)
+
+    async def stop_accepting(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.wait({self._accepting})
+            self._accepting = None
+
+    async def wait_idle(self) -> None:
+        """Until no connection is left (new ones may still be accepted meanwhile)."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop accepting, cancel every connection and wait until they have all ended."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        runner.cancel()
+        await asyncio.wait({runner})
+        self._group = self._accepting = None
+        if not runner.cancelled() and runner.exception() is not None:  # a bug: say so, loudly
+            log.error("server_tasks_failed", server=self.name, error=repr(runner.exception()))

@@ -12,42 +12,19 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from uffdd.config import LogConfig, MetricsConfig, describe_validation_error
+from uffdd.config import LogConfig, MetricsConfig
+from uffdd.configbase import StrictModel, parse_hostport, read_yaml, validate
 from uffdd.errors import ConfigError
 
 DEFAULT_PORT = 7447
 MIN_SECRET = 16
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def split_hostport(value: str, *, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` -> (host, port); raise ValueError on nonsense."""
-    v = value.strip()
-    if v.startswith("["):
-        host, sep, rest = v[1:].partition("]")
-        if not sep:
-            raise ValueError(f"{value!r}: missing ']'")
-        port_s = rest.removeprefix(":") if rest.startswith(":") else ""
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{value!r}: expected [HOST]:PORT")
-    elif v.count(":") == 1:
-        host, _, port_s = v.partition(":")
-    else:
-        host, port_s = v, ""
-    if not host:
-        raise ValueError(f"{value!r}: missing host")
-    port = default_port
-    if port_s:
-        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
-            raise ValueError(f"{value!r}: port must be 0..65535")
-        port = int(port_s)
-    return host, port
+def split_hostport(value: str) -> tuple[str, int]:
+    """A peer's ``HOST:PORT`` (``[V6]:PORT``, or ``HOST`` alone for uffdd serve's port 7447)."""
+    return parse_hostport(value, default_port=DEFAULT_PORT)
 
 
 def is_loopback(host: str) -> bool:
@@ -82,7 +59,7 @@ def read_secret(secret: str | None, secret_file: str | None, where: str) -> byte
     return data
 
 
-class _SecretMixin(_Strict):
+class _SecretMixin(StrictModel):
     secret: str | None = None
     """The shared secret itself (prefer secret_file: config files get copied around)."""
     secret_file: str | None = None
@@ -97,7 +74,7 @@ class _SecretMixin(_Strict):
         return self
 
 
-class ServerTls(_Strict):
+class ServerTls(StrictModel):
     cert: str
     key: str
     client_ca: str | None = None
@@ -121,7 +98,7 @@ class ServerTls(_Strict):
         return ctx
 
 
-class ClientTls(_Strict):
+class ClientTls(StrictModel):
     ca: str | None = None
     """CA that signed the server's certificate; unset: the system's trust store."""
     cert: str | None = None
@@ -146,7 +123,46 @@ class ClientTls(_Strict):
         return ctx
 
 
-class ServeLimits(_Strict):
+class PeerLinkConfig(_SecretMixin):
+    """The destination's side of a link to ``uffdd serve``: where, which image, how to
+    authenticate, and how to ride out a broken connection. The peer client takes it as is
+    (:class:`uffdd.peer.client.ClientOptions` carries it, with the secret and TLS context resolved)."""
+
+    address: str
+    """HOST:PORT of ``uffdd serve`` on the migration source."""
+    image: str = "default"
+    """Name of the image on the server; ``{vm_id}`` is replaced by the handshake's vm_id."""
+    tls: ClientTls | None = None
+    compression: bool = True
+    """Let the server send lz4 blocks (it does so per block, only when that saves space)."""
+    connect_timeout: float = Field(default=2.0, gt=0, le=300)
+    """Seconds for one attempt: TCP connect, TLS and the HELLO/AUTH exchange."""
+    open_timeout: float = Field(default=10.0, gt=0, le=3600)
+    """Seconds the first connection may take before the session is refused."""
+    reconnect_min: float = Field(default=0.05, gt=0, le=60)
+    reconnect_max: float = Field(default=2.0, gt=0, le=600)
+    deadline: float = Field(default=60.0, gt=0, le=86400)
+    """Seconds without a working connection before fills fail with SourceUnavailable (loudly)."""
+    keepalive: float = Field(default=0.5, gt=0, le=600)
+    io_timeout: float = Field(default=3.0, gt=0, le=3600)
+    """A connection that received nothing for this long (pings included) is declared dead."""
+    max_inflight: int = Field(default=256, ge=1, le=65536)
+    checksum_retries: int = Field(default=5, ge=0, le=1000)
+
+    @model_validator(mode="after")
+    def _check_link(self) -> Any:
+        try:
+            split_hostport(self.address)
+        except ValueError as exc:
+            raise ValueError(f"address: {exc}") from None
+        if self.io_timeout <= self.keepalive:
+            raise ValueError(f"io_timeout ({self.io_timeout}) must be longer than keepalive ({self.keepalive})")
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must not be below reconnect_min")
+        return self
+
+
+class ServeLimits(StrictModel):
     max_blocks: int = Field(default=1024, ge=1, le=16384)
     """Largest READ, in 4 KiB blocks (default 4 MiB; a 2 MiB huge page is 512)."""
     max_inflight: int = Field(default=256, ge=1, le=65536)
@@ -180,32 +196,12 @@ class ServeConfig(_SecretMixin):
 
 
 def parse_serve_config(data: Any, origin: str = "<serve config>") -> ServeConfig:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping, got {type(data).__name__}")
-    try:
-        return ServeConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
+    return validate(ServeConfig, data, origin)
 
 
 def load_serve_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ServeConfig:
     """Read ``path`` (if any) and apply command-line ``overrides`` on top (flags win)."""
-    data: dict[str, Any] = {}
-    origin = "command line"
-    if path is not None:
-        p = Path(path)
-        origin = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except OSError as exc:
-            raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = dict(loaded or {})
+    data: dict[str, Any] = dict(read_yaml(path)) if path is not None else {}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -215,7 +211,7 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any] | None 
                          **{k: v for k, v in value.items() if v is not None}}
         else:
             data[key] = value
-    return parse_serve_config(data, origin)
+    return parse_serve_config(data, str(path) if path is not None else "command line")
 
 
 def parse_image_arg(value: str) -> tuple[str, str]:

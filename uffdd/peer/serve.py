@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -25,8 +24,8 @@ from uffdd import handshake as hs_mod
 from uffdd.errors import ConfigError, HandshakeError
 from uffdd.peer.config import ServeConfig, is_loopback, read_secret, split_hostport
 from uffdd.peer.image import Image, ImageError
-from uffdd.peer.server import PeerServer, ServerOptions
-from uffdd.unixsock import bind_unix
+from uffdd.peer.server import PeerServer
+from uffdd.unixsock import UnixServer, bind_unix, close_fds, receive_handshake, send_line, until_eof
 
 log = structlog.get_logger("uffdd.serve")
 
@@ -41,80 +40,49 @@ class VmmHandover:
         self.path = path
         self.server = server
         self._sock: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
-        self._conns: set[asyncio.Task[None]] = set()
-
-    def _bind(self) -> socket.socket:
-        """Bind the socket, replacing a stale socket file (never another kind of file)."""
-        sock = bind_unix(self.path, backlog=16, key="vmm_socket")
-        sock.setblocking(False)
-        return sock
+        self._conns = UnixServer(self._serve, name="vmm-handover")
 
     async def start(self) -> None:
-        self._sock = sock = self._bind()
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
-
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(sock)
-            conn.setblocking(False)
-            task = loop.create_task(self._serve(conn))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
+        """Bind the socket (replacing a stale socket file, never another kind of file) and accept."""
+        self._sock = bind_unix(self.path, backlog=16, key="vmm_socket")
+        await self._conns.start(self._sock)
 
     async def _serve(self, conn: socket.socket) -> None:
-        from uffdd.service.listener import _close_fds, receive_handshake
-
-        loop = asyncio.get_running_loop()
-        name: str | None = None
-        fds: list[int] = []
         try:
-            try:
-                body, fds = await receive_handshake(conn, max_bytes=HANDOVER_MAX_BYTES, timeout=HANDOVER_TIMEOUT)
-                hs = hs_mod.parse(body)
-                if len(fds) != 1:
-                    raise HandshakeError(f"expected 1 file descriptor [memfd] with the regions, got {len(fds)}")
-                try:
-                    image = Image.from_memfd(hs.vm_id, fds[0], [(r.offset, r.size) for r in hs.regions])
-                    self.server.add_image(image)
-                except ImageError as exc:
-                    raise HandshakeError(str(exc)) from None
-                fds = []
-                name = image.name
-            except HandshakeError as exc:
-                log.warning("vmm_handover_refused", error=str(exc))
-                with contextlib.suppress(OSError):
-                    await loop.sock_sendall(conn, (json.dumps({"error": str(exc)}) + "\n").encode())
-                return
-            log.info("serving_live_image", image=name, bytes=sum(r.size for r in hs.regions),
-                     regions=len(hs.regions))
-            with contextlib.suppress(OSError):
-                await loop.sock_sendall(conn, (json.dumps(
-                    {"status": "serving", "image": name, "bytes": sum(r.size for r in hs.regions)}) + "\n").encode())
-            while True:
-                try:
-                    data = await loop.sock_recv(conn, 4096)
-                except OSError:
-                    break
-                if not data:
-                    break
+            name, hs = await self._take_image(conn)
+        except HandshakeError as exc:
+            log.warning("vmm_handover_refused", error=str(exc))
+            await send_line(conn, {"error": str(exc)})
+            conn.close()
+            return
+        try:
+            log.info("serving_live_image", image=name, bytes=hs.total_bytes, regions=len(hs.regions))
+            await send_line(conn, {"status": "serving", "image": name, "bytes": hs.total_bytes})
+            await until_eof(conn)
         finally:
-            _close_fds(fds)
-            if name is not None:
-                log.info("live_image_withdrawn", image=name, reason="the VMM closed its connection")
-                self.server.remove_image(name)
+            log.info("live_image_withdrawn", image=name, reason="the VMM closed its connection")
+            self.server.remove_image(name)
             conn.close()
 
+    async def _take_image(self, conn: socket.socket) -> tuple[str, hs_mod.Handshake]:
+        """Receive the regions and the memfd; serve them as an image named after the vm_id."""
+        body, fds = await receive_handshake(conn, max_bytes=HANDOVER_MAX_BYTES, timeout=HANDOVER_TIMEOUT)
+        try:
+            hs = hs_mod.parse(body)
+            if len(fds) != 1:
+                raise HandshakeError(f"expected 1 file descriptor [memfd] with the regions, got {len(fds)}")
+            image = Image.from_memfd(hs.vm_id, fds[0], [(r.offset, r.size) for r in hs.regions])
+            self.server.add_image(image)
+        except ImageError as exc:
+            close_fds(fds)
+            raise HandshakeError(str(exc)) from None
+        except BaseException:
+            close_fds(fds)
+            raise
+        return image.name, hs
+
     async def close(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-        for t in list(self._conns):
-            t.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
+        await self._conns.close()
         if self._sock is not None:
             self._sock.close()
             with contextlib.suppress(OSError):
@@ -149,14 +117,6 @@ class ServeCollector(Collector):
         yield errs
 
 
-def server_options(config: ServeConfig) -> ServerOptions:
-    lim = config.limits
-    return ServerOptions(secret=read_secret(config.secret, config.secret_file, "serve"),
-                         compression=config.compression, max_blocks=lim.max_blocks,
-                         max_inflight=lim.max_inflight, max_connections=lim.max_connections,
-                         handshake_timeout=lim.handshake_timeout, idle_timeout=lim.idle_timeout)
-
-
 def bind_host(host: str, secret: bytes | None) -> str:
     """Without a secret anyone who can connect gets guest memory: only loopback is allowed then."""
     if secret is None and not is_loopback(host):
@@ -183,13 +143,14 @@ async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], N
     """Serve until SIGTERM/SIGINT; clients are told SHUTTING_DOWN (they reconnect to a successor)."""
     if not config.images and not config.vmm_socket:
         raise ConfigError("nothing to serve: give --image [NAME=]PATH, or --vmm-socket PATH for live guests")
-    opts = server_options(config)
+    secret = read_secret(config.secret, config.secret_file, "serve")
     host, port = split_hostport(config.listen)
-    host = bind_host(host, opts.secret)
-    if opts.secret is None:
+    host = bind_host(host, secret)
+    if secret is None:
         log.warning("no_secret_configured", detail="clients are not authenticated; serving loopback only")
     images = load_images(config)
-    server = PeerServer(images, opts, ssl_context=config.tls.context() if config.tls else None)
+    server = PeerServer(images, config.limits, secret=secret, compression=config.compression,
+                        ssl_context=config.tls.context() if config.tls else None)
     try:
         address = await server.start(host, port)
     except OSError as exc:
@@ -199,12 +160,12 @@ async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], N
     if handover is not None:
         await handover.start()
     metrics_server = None
-    if config.metrics.listen:
+    if config.metrics.address is not None:
         from prometheus_client import start_http_server
 
         registry = CollectorRegistry()
         registry.register(ServeCollector(server))
-        mhost, mport = split_hostport(config.metrics.listen)
+        mhost, mport = config.metrics.address
         metrics_server, _ = start_http_server(mport, addr=mhost, registry=registry)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -217,7 +178,7 @@ async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], N
         loop.add_signal_handler(sig, on_signal, sig)
     log.info("serving", address=f"{address[0]}:{address[1]}", version=__version__,
              images={n: i.description for n, i in images.items()}, vmm_socket=config.vmm_socket,
-             auth="hmac-sha256" if opts.secret else "none", tls=bool(config.tls),
+             auth="hmac-sha256" if secret else "none", tls=bool(config.tls),
              client_certs=bool(config.tls and config.tls.client_ca), metrics=config.metrics.listen)
     if ready is not None:
         ready(address)

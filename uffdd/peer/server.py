@@ -23,6 +23,7 @@ from typing import cast
 import structlog
 
 from uffdd.peer import protocol as p
+from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
 
 log = structlog.get_logger("uffdd.serve")
@@ -58,17 +59,6 @@ class ServerStats:
         self.protocol_errors[code.name] = self.protocol_errors.get(code.name, 0) + 1
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    secret: bytes | None = None
-    compression: bool = True
-    max_blocks: int = 1024
-    max_inflight: int = 256
-    max_connections: int = 256
-    handshake_timeout: float = 5.0
-    idle_timeout: float = 60.0
-
-
 class _Req:
     __slots__ = ("count", "id", "offset")
 
@@ -86,8 +76,8 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, server: PeerServer) -> None:
         self.server = server
-        self.opts = server.options
-        self.decoder = p.FrameDecoder(p.SERVER_ACCEPTS, p.Limits(max_blocks=self.opts.max_blocks))
+        self.limits = server.limits
+        self.decoder = p.FrameDecoder(p.SERVER_ACCEPTS, p.Limits(max_blocks=self.limits.max_blocks))
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.state = _HELLO
@@ -124,14 +114,14 @@ class ServerConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # A peer that vanished (link cut) must not hold our buffers for the default ~15 min.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.opts.idle_timeout * 1000))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.limits.idle_timeout * 1000))
         srv = self.server
         srv.stats.connections_total += 1
         srv.connections.add(self)
-        if len(srv.connections) > self.opts.max_connections:
-            self.fail(p.ProtocolError(p.ErrorCode.BUSY, f"too many connections (limit {self.opts.max_connections})"))
+        if len(srv.connections) > self.limits.max_connections:
+            self.fail(p.ProtocolError(p.ErrorCode.BUSY, f"too many connections (limit {self.limits.max_connections})"))
             return
-        self._timer = self._loop.call_later(self.opts.handshake_timeout, self._handshake_timeout)
+        self._timer = self._loop.call_later(self.limits.handshake_timeout, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = _CLOSING
@@ -202,7 +192,7 @@ class ServerConnection(asyncio.Protocol):
     def _handshake_timeout(self) -> None:
         if self.state in (_HELLO, _AUTH):
             self.fail(p.ProtocolError(p.ErrorCode.TIMEOUT,
-                                      f"handshake not completed within {self.opts.handshake_timeout:g}s"))
+                                      f"handshake not completed within {self.limits.handshake_timeout:g}s"))
         elif self.state == _READY:
             self._idle_check()
 
@@ -210,10 +200,10 @@ class ServerConnection(asyncio.Protocol):
         if self.state != _READY:
             return
         idle = self._loop.time() - self.last_rx
-        if idle > self.opts.idle_timeout:
+        if idle > self.limits.idle_timeout:
             self.fail(p.ProtocolError(p.ErrorCode.TIMEOUT, f"nothing received for {idle:.0f}s"))
             return
-        self._timer = self._loop.call_later(self.opts.idle_timeout / 4, self._idle_check)
+        self._timer = self._loop.call_later(self.limits.idle_timeout / 4, self._idle_check)
 
     # -- frames ----------------------------------------------------------------------------
     def _handle(self, f: p.Frame) -> None:
@@ -248,8 +238,8 @@ class ServerConnection(asyncio.Protocol):
         self.role = hello.role
         self.image_name = hello.name
         self.hello = f.payload
-        self.compressor = p.Compressor(bool(hello.features & p.FEATURE_LZ4) and self.opts.compression)
-        secret = self.opts.secret
+        self.compressor = p.Compressor(bool(hello.features & p.FEATURE_LZ4) and self.server.compression)
+        secret = self.server.secret
         auth = p.AuthMethod.HMAC_SHA256 if secret else p.AuthMethod.NONE
         nonce = os.urandom(p.NONCE_SIZE)
         core = p.Challenge(auth, nonce, p.NO_PROOF).core()
@@ -262,7 +252,7 @@ class ServerConnection(asyncio.Protocol):
     def _on_auth(self, f: p.Frame) -> None:
         if len(f.payload) != p.PROOF_SIZE:
             raise p.ProtocolError(p.ErrorCode.BAD_LENGTH, f"AUTH payload is {len(f.payload)} bytes, not {p.PROOF_SIZE}")
-        secret = self.opts.secret
+        secret = self.server.secret
         if secret:
             if f.payload == p.NO_PROOF:
                 raise p.ProtocolError(p.ErrorCode.AUTH_REQUIRED, "this server requires the shared secret")
@@ -277,8 +267,8 @@ class ServerConnection(asyncio.Protocol):
         self.server.stats.handshakes_ok += 1
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_later(self.opts.idle_timeout / 4, self._idle_check)
-        w = p.Welcome(image.size, p.BLOCK_SIZE, self.opts.max_blocks, self.opts.max_inflight,
+        self._timer = self._loop.call_later(self.limits.idle_timeout / 4, self._idle_check)
+        w = p.Welcome(image.size, p.BLOCK_SIZE, self.limits.max_blocks, self.limits.max_inflight,
                       p.FEATURE_LZ4 if self.compressor.enabled else 0, image.image_id)
         assert self.transport is not None
         self.transport.write(p.encode_frame(p.FrameType.WELCOME, w.encode()))
@@ -288,9 +278,9 @@ class ServerConnection(asyncio.Protocol):
     def _on_read(self, f: p.Frame) -> None:
         if f.id in self.inflight:
             raise p.ProtocolError(p.ErrorCode.BAD_ID, f"request id {f.id} is already in flight")
-        if len(self.inflight) >= self.opts.max_inflight:
+        if len(self.inflight) >= self.limits.max_inflight:
             raise p.ProtocolError(p.ErrorCode.TOO_MANY_REQUESTS,
-                                  f"more than {self.opts.max_inflight} requests in flight")
+                                  f"more than {self.limits.max_inflight} requests in flight")
         image = self.image
         assert image is not None
         length = f.count << p.BLOCK_SHIFT
@@ -419,10 +409,15 @@ class ServerConnection(asyncio.Protocol):
 class PeerServer:
     """Serves the images in ``images`` (name -> Image) on one TCP address."""
 
-    def __init__(self, images: dict[str, Image] | None = None, options: ServerOptions | None = None,
+    def __init__(self, images: dict[str, Image] | None = None, limits: ServeLimits | None = None, *,
+                 secret: bytes | None = None, compression: bool = True,
                  ssl_context: ssl.SSLContext | None = None) -> None:
+        """``limits`` as configured (``limits:`` of the serve config); beside them what was
+        resolved from the config: the secret's bytes and the TLS context."""
         self.images: dict[str, Image] = dict(images or {})
-        self.options = options or ServerOptions()
+        self.limits = limits or ServeLimits()
+        self.secret = secret
+        self.compression = compression
         self.ssl_context = ssl_context
         self.stats = ServerStats()
         self.connections: set[ServerConnection] = set()
@@ -435,7 +430,7 @@ class PeerServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ServerConnection(self), host, port, ssl=self.ssl_context, reuse_address=True,
-            ssl_handshake_timeout=self.options.handshake_timeout if self.ssl_context else None)
+            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl_context else None)
         sockname = self._server.sockets[0].getsockname()
         self.address = (str(sockname[0]), int(sockname[1]))
         return self.address

@@ -11,16 +11,14 @@ import contextlib
 import json
 import os
 import socket
-import stat
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from uffdd import __version__
-from uffdd.errors import UffddError
+from uffdd.unixsock import bind_unix
 
 log = structlog.get_logger("uffdd.control")
 
@@ -37,18 +35,10 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._clear_path()
-        self._server = await asyncio.start_unix_server(self._handle, path=self.path)
+        """Bind (a stale socket file left by a predecessor is replaced, never another file) and serve."""
+        sock = bind_unix(self.path, backlog=16, key="control.listen")
         os.chmod(self.path, 0o660)
-
-    def _clear_path(self) -> None:
-        """Remove a stale socket file left by a predecessor, never any other kind of file."""
-        p = Path(self.path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(p.lstat().st_mode):
-                raise UffddError(f"control.listen: {p} exists and is not a socket; refusing to replace it")
-            p.unlink()
+        self._server = await asyncio.start_unix_server(self._handle, sock=sock)
 
     async def close(self) -> None:
         if self._server is not None:

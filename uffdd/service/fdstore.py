@@ -22,11 +22,16 @@ import contextlib
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
+
+import structlog
 
 from uffdd import handshake as hs_mod
 from uffdd.errors import UffddError
 from uffdd.service import systemd
+
+log = structlog.get_logger("uffdd.fdstore")
 
 KINDS = ("uffd", "mem", "state", "conn", "desc")
 """Stored in this order; ``desc`` last marks the set complete."""
@@ -128,6 +133,13 @@ class Inherited:
     def last_session_number(self) -> int:
         return max((int(sid[1:]) for sid in self.sessions), default=0)
 
+    def close_unknown(self) -> None:
+        """Close what nobody here can use (logged: the manager passed something unexpected)."""
+        for lf in self.unknown:
+            log.warning("unknown_fd_closed", name=lf.name, fd=lf.fd)
+            os.close(lf.fd)
+        self.unknown.clear()
+
 
 def sort_inherited(fds: list[systemd.ListenFd]) -> Inherited:
     """Group what sd_listen_fds handed us. Duplicate names keep the first and close the rest."""
@@ -180,3 +192,34 @@ class FdStore:
     def remove_listener(self) -> None:
         if self.enabled:
             systemd.remove_fds(LISTEN_NAME)
+
+
+def listening_socket(inherited: Inherited, listen: str, store: FdStore) -> tuple[socket.socket | None, bool]:
+    """The socket to accept VMMs on: ours from the fd store, else one from socket activation,
+    else None (bind ``listen``). The bool says whether the socket file is ours to remove on a
+    clean stop."""
+    if inherited.stored_listener is not None and not inherited.listeners:
+        sock = socket.socket(fileno=inherited.stored_listener)
+        path = sock.getsockname()
+        if isinstance(path, str) and os.path.exists(path):
+            return sock, True
+        # Its file is gone (e.g. the runtime directory was removed): nobody could connect.
+        log.warning("stored_listen_socket_unreachable", socket=path, hint="binding a new one")
+        sock.close()
+        store.remove_listener()
+        return None, True
+    if inherited.stored_listener is not None:
+        os.close(inherited.stored_listener)  # socket activation passes its own again
+        store.remove_listener()
+    if inherited.listeners:
+        first, *rest = inherited.listeners
+        for extra in rest:
+            log.warning("extra_listen_fd_ignored", name=extra.name, fd=extra.fd)
+            os.close(extra.fd)
+        sock = socket.socket(fileno=first.fd)
+        name = sock.getsockname()
+        if name != listen:
+            log.info("socket_activated", socket=name, configured=listen,
+                     hint="the socket unit's path is used; listen: in the config is ignored")
+        return sock, False
+    return None, True

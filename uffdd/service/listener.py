@@ -1,7 +1,7 @@
 """The Unix-socket listener: accept VMMs, read their handshake, run one session each.
 
-Every connection is its own task: a malformed handshake is answered with one JSON error
-line and closed, and nothing else notices.
+Every connection is its own task of one task group (:class:`uffdd.unixsock.UnixServer`): a
+malformed handshake is answered with one JSON error line and closed, and nothing else notices.
 """
 
 from __future__ import annotations
@@ -12,82 +12,41 @@ import itertools
 import json
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
-from uffdd import ancillary
 from uffdd import handshake as hs_mod
 from uffdd.config import Config
 from uffdd.core import PageStates, Session, SessionStats
 from uffdd.errors import HandshakeError, SourceError, UffddError
 from uffdd.kernel import Userfaultfd
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
-from uffdd.service.metrics import Totals
+from uffdd.service.totals import Totals
 from uffdd.sources import PageSource, source_class
-from uffdd.unixsock import bind_unix
+from uffdd.unixsock import (
+    Accept,
+    UnixServer,
+    accept_connection,
+    bind_unix,
+    close_fds,
+    receive_handshake,
+    send_line,
+    until_eof,
+)
 
 log = structlog.get_logger("uffdd.listener")
 
-MAX_FDS = 2
 
-
-async def _wait_readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(sock.fileno(), ready)
+async def finish(aw: Awaitable[None]) -> None:
+    """Await ``aw`` to its end even if we are cancelled meanwhile (then re-raise): a session is
+    never left half-closed."""
+    task = asyncio.ensure_future(aw)
     try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())
-
-
-def _close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-async def receive_handshake(
-    sock: socket.socket, *, max_bytes: int, timeout: float
-) -> tuple[bytes, list[int]]:
-    """Read one handshake: a JSON body that may span several reads, plus SCM_RIGHTS fds.
-
-    On error every received fd is closed and HandshakeError says what was wrong.
-    """
-    loop = asyncio.get_running_loop()
-    body = bytearray()
-    fds: list[int] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while not hs_mod.body_complete(bytes(body)):
-                await _wait_readable(loop, sock)
-                try:
-                    data, anc, flags, _ = sock.recvmsg(65536, ancillary.space(MAX_FDS))
-                except (BlockingIOError, InterruptedError):
-                    continue
-                fds.extend(ancillary.parse(anc)[0])
-                if flags & socket.MSG_CTRUNC:
-                    raise HandshakeError(f"too many file descriptors: send [uffd, memfd] (at most {MAX_FDS})")
-                if not data:
-                    raise HandshakeError(
-                        "connection closed before the handshake was complete"
-                        if body else "connection closed without a handshake")
-                body += data
-                if len(body) > max_bytes:
-                    raise HandshakeError(f"handshake longer than {max_bytes} bytes")
-    except TimeoutError:
-        _close_fds(fds)
-        raise HandshakeError(
-            f"no complete handshake within {timeout:g}s (got {len(body)} bytes)") from None
-    except BaseException:
-        _close_fds(fds)
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
         raise
-    return bytes(body), fds
 
 
 class Listener:
@@ -99,7 +58,9 @@ class Listener:
     """
 
     def __init__(self, config: Config, *, sock: socket.socket | None = None, owns_path: bool | None = None,
-                 store: FdStore | None = None) -> None:
+                 store: FdStore | None = None, accept: Accept = accept_connection,
+                 on_connections: Callable[[int], None] | None = None) -> None:
+        """``accept`` and ``on_connections`` let a worker balance new VMMs against its siblings."""
         self.config = config
         self._sock = sock
         self._owns_path = sock is None if owns_path is None else owns_path
@@ -110,8 +71,8 @@ class Listener:
         self.unresumed: dict[str, dict[str, int]] = {}
         """Stored sessions that could not be resumed (e.g. their source is no longer configured);
         their descriptors stay in the store and are tried again on reload."""
-        self._conn_tasks: set[asyncio.Task[None]] = set()
-        self._accept_task: asyncio.Task[None] | None = None
+        self.server = UnixServer(self._serve_connection, name="listener", accept=accept, on_count=on_connections)
+        """Runs every connection (and every resumed session) in one task group."""
         self._ids = itertools.count(1)
         self.sessions_total = 0
         self.sessions_resumed = 0
@@ -137,36 +98,25 @@ class Listener:
         self.store.store_listener(sock.fileno())
         return sock
 
+    @property
+    def connections(self) -> int:
+        """VMM connections open now (each live, resumed or completed session has one)."""
+        return self.server.connections
+
     async def start(self) -> None:
-        sock = self.bind()
-        sock.setblocking(False)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
-
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(sock)
-            conn.setblocking(False)
-            self._track(loop.create_task(self._serve_connection(conn)))
-
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._conn_tasks.add(task)
-        task.add_done_callback(self._conn_tasks.discard)
+        await self.server.start(self.bind())
 
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
 
     async def stop_accepting(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
-        if self._sock is not None:
+        await self.server.stop_accepting()
+        sock, self._sock = self._sock, None
+        if sock is not None:
             if not self.handing_over:
                 self.store.remove_listener()
-            self._sock.close()
+            sock.close()
             if self._owns_path and not self.handing_over:
                 with contextlib.suppress(OSError):
                     os.unlink(self.config.listen)
@@ -174,12 +124,9 @@ class Listener:
     async def close(self) -> None:
         """Stop accepting and end every session now (their VMMs lose their handler)."""
         await self.stop_accepting()
-        for t in list(self._conn_tasks):
-            t.cancel()
-        if self._conn_tasks:
-            await asyncio.gather(*self._conn_tasks, return_exceptions=True)
+        await self.server.close()
         for fds in self.unresumed.values():
-            _close_fds(fds.values())
+            close_fds(fds.values())
         self.unresumed.clear()
 
     async def hand_over(self) -> None:
@@ -189,8 +136,7 @@ class Listener:
 
     async def wait_sessions(self) -> None:
         """Wait until every connection (and so every session) has ended."""
-        while self._conn_tasks:
-            await asyncio.gather(*list(self._conn_tasks), return_exceptions=True)
+        await self.server.wait_idle()
 
     async def _open_source(self, hs: hs_mod.Handshake) -> PageSource:
         spec = self.config.sources.get(hs.source)
@@ -208,10 +154,27 @@ class Listener:
         return spec.kind if spec is not None else "unknown"
 
     async def _serve_connection(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         session_id = f"s{next(self._ids)}"
-        clog = log.bind(session=session_id)
-        session: Session | None = None
+        try:
+            session, uffd_fd = await self._handshake(conn, session_id)
+        except (UffddError, OSError) as exc:  # KernelError is an OSError: all get the error line
+            self.handshakes_refused += 1
+            log.warning("handshake_refused", session=session_id, error=str(exc))
+            await send_line(conn, {"error": str(exc)})
+            conn.close()
+            return
+        except BaseException:
+            conn.close()
+            raise
+        record = SessionRecord(session_id=session_id, handshake=session.handshake,
+                               preinitialized=session.preinitialized, features=session.features,
+                               anonymous=session.memfd is None)
+        self._store(session, uffd_fd, conn, record)
+        await self._run_session(session, conn, record)
+
+    async def _handshake(self, conn: socket.socket, session_id: str) -> tuple[Session, int]:
+        """Read and check the handshake, open its source, set up the session (and return it with
+        its userfaultfd); on error every received fd is closed."""
         fds: list[int] = []
         try:
             body, fds = await receive_handshake(
@@ -223,61 +186,40 @@ class Listener:
                     f"(anonymous memory) with the handshake, got {len(fds)}")
             source = await self._open_source(hs)
             try:
-                session = Session.create(
-                    session_id=session_id, handshake=hs, uffd_fd=fds[0],
-                    memfd=fds[1] if len(fds) == 2 else None, source=source, config=self.config.session)
+                session = Session.create(session_id=session_id, handshake=hs, uffd_fd=fds[0],
+                                         memfd=fds[1] if len(fds) == 2 else None, source=source,
+                                         config=self.config.session)
             except BaseException:
                 await source.aclose()
                 raise
-        except (UffddError, OSError) as exc:  # KernelError is an OSError: all get the error line
-            _close_fds(fds)
-            self.handshakes_refused += 1
-            clog.warning("handshake_refused", error=str(exc))
-            with contextlib.suppress(OSError):
-                await loop.sock_sendall(conn, (json.dumps({"error": str(exc)}) + "\n").encode())
-            conn.close()
-            return
         except BaseException:
-            _close_fds(fds)
-            conn.close()
+            close_fds(fds)
             raise
-        record = SessionRecord(session_id=session_id, handshake=hs, preinitialized=session.preinitialized,
-                               features=session.features, anonymous=session.memfd is None)
+        return session, fds[0]
+
+    def _store(self, session: Session, uffd_fd: int, conn: socket.socket, record: SessionRecord) -> None:
+        """Put the session's descriptors into the service manager's store (when there is one)."""
+        if not self.store.enabled:
+            return
         try:
-            if self.store.enabled:
-                record.create()
-                kept = {"uffd": fds[0], "state": session.states.fd, "conn": conn.fileno(), "desc": record.fd}
-                if session.memfd is not None:
-                    kept["mem"] = session.memfd
-                stored = self.store.store_session(session_id, kept)
-                if not stored:
-                    self.store_failures += 1
-                    clog.error("fd_store_failed", hint="this session does not survive a restart of the daemon")
+            record.create()
+            kept = {"uffd": uffd_fd, "state": session.states.fd, "conn": conn.fileno(), "desc": record.fd}
+            if session.memfd is not None:
+                kept["mem"] = session.memfd
+            if not self.store.store_session(session.id, kept):
+                self.store_failures += 1
+                log.error("fd_store_failed", session=session.id,
+                          hint="this session does not survive a restart of the daemon")
         except OSError as exc:
             self.store_failures += 1
-            clog.error("fd_store_failed", error=str(exc))
-        await self._run_session(session, conn, record)
+            log.error("fd_store_failed", session=session.id, error=str(exc))
 
     async def _run_session(self, session: Session, conn: socket.socket, record: SessionRecord) -> None:
         """Serve ``session`` until its VMM hangs up or it fails; then drop it from the store."""
-        loop = asyncio.get_running_loop()
         sid = session.id
         self.sessions[sid] = session
         self.sessions_total += 1
-
-        def completed(s: Session) -> None:
-            if not record.complete:
-                line = json.dumps({"event": "complete", "session": s.id, "pages": s.stats.pages_total,
-                                   "bytes": s.stats.bytes_filled}) + "\n"
-                with contextlib.suppress(OSError):
-                    conn.send(line.encode())  # one short line: fits the socket buffer
-                with contextlib.suppress(OSError):
-                    record.update(complete=True)
-            # The ranges are unregistered: only the connection is still worth keeping.
-            self.store.remove(sid, ("uffd", "mem", "state"))
-            self._changed()
-
-        session.on_complete = completed
+        session.on_complete = lambda s: self._completed(s, conn, record)
 
         def regions_changed(s: Session) -> None:
             with contextlib.suppress(OSError):
@@ -287,9 +229,7 @@ class Listener:
         try:
             if not record.ready_sent:
                 # "ready" goes out before anything else can be sent; faults queue meanwhile.
-                with contextlib.suppress(OSError):
-                    await loop.sock_sendall(conn, (json.dumps(
-                        {"status": "ready", "session": sid, "pages": session.stats.pages_total}) + "\n").encode())
+                await send_line(conn, {"status": "ready", "session": sid, "pages": session.stats.pages_total})
                 with contextlib.suppress(OSError):
                     record.update(ready_sent=True)
             session.start()
@@ -298,7 +238,7 @@ class Listener:
         finally:
             if not self.handing_over:
                 self.store.remove(sid)
-            await asyncio.shield(session.close("handed over" if self.handing_over else "vmm disconnected"))
+            await finish(session.close("handed over" if self.handing_over else "vmm disconnected"))
             if self.sessions.pop(sid, None) is not None:
                 self.ended_totals.add(session.stats)
                 self.totals.add(session, self.source_kind(session))
@@ -306,42 +246,43 @@ class Listener:
             record.close()
             self._changed()
 
-    async def _until_eof_or_done(self, conn: socket.socket, session: Session) -> None:
-        loop = asyncio.get_running_loop()
-        eof = loop.create_task(self._read_until_eof(conn))
-        done = loop.create_task(session.done.wait())
-        try:
-            await asyncio.wait({eof, done}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (eof, done):
-                t.cancel()
+    def _completed(self, session: Session, conn: socket.socket, record: SessionRecord) -> None:
+        """Every page is in: tell the VMM (once, even across restarts)."""
+        if not record.complete:
+            line = json.dumps({"event": "complete", "session": session.id, "pages": session.stats.pages_total,
+                               "bytes": session.stats.bytes_filled}) + "\n"
+            with contextlib.suppress(OSError):
+                conn.send(line.encode())  # one short line: fits the socket buffer
+            with contextlib.suppress(OSError):
+                record.update(complete=True)
+        # The ranges are unregistered: only the connection is still worth keeping.
+        self.store.remove(session.id, ("uffd", "mem", "state"))
+        self._changed()
 
     @staticmethod
-    async def _read_until_eof(conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data = await loop.sock_recv(conn, 4096)
-            except (ConnectionResetError, BrokenPipeError):
-                return
-            if not data:
-                return
+    async def _until_eof_or_done(conn: socket.socket, session: Session) -> None:
+        async with asyncio.TaskGroup() as tg:
+            eof = tg.create_task(until_eof(conn))
+            done = tg.create_task(session.done.wait())
+            await asyncio.wait({eof, done}, return_when=asyncio.FIRST_COMPLETED)
+            eof.cancel()
+            done.cancel()
 
     # --- taking over from a predecessor ---------------------------------------------------
     async def resume(self, inherited: Inherited) -> None:
         """Take over the sessions found in the fd store; new session ids continue after theirs."""
         self._ids = itertools.count(inherited.last_session_number + 1)
+        await self.server.open()  # resumed sessions run in the same task group as new ones
         for sid in sorted(inherited.sessions, key=lambda s: int(s[1:])):
             await self._resume_one(sid, inherited.sessions[sid])
 
     async def retry_unresumed(self) -> None:
         """After a reload: try again the sessions that could not be resumed."""
-        pending, self.unresumed = self.unresumed, {}
-        for sid, fds in pending.items():
-            await self._resume_one(sid, fds)
+        for sid in list(self.unresumed):
+            await self._resume_one(sid, self.unresumed.pop(sid))
 
     def _drop_stored(self, sid: str, fds: dict[str, int]) -> None:
-        _close_fds(fds.values())
+        close_fds(fds.values())
         self.store.remove(sid)
 
     async def _resume_one(self, sid: str, fds: dict[str, int]) -> None:
@@ -365,9 +306,9 @@ class Listener:
         if record.complete:
             for kind in ("uffd", "mem", "state"):
                 if kind in fds:
-                    _close_fds([fds[kind]])
+                    close_fds([fds[kind]])
                     self.store.remove(sid, (kind,))
-            self._track(asyncio.get_running_loop().create_task(self._watch_completed(sid, conn, record)))
+            self.server.spawn(self._watch_completed, sid, conn, record)
             return
         missing = [k for k in ("uffd", "state") if k not in fds]
         if not record.anonymous and "mem" not in fds:
@@ -396,7 +337,7 @@ class Listener:
             return
         self.sessions_resumed += 1
         slog.info("session_resumed", vm_id=hs.vm_id, pages_total=session.stats.pages_total)
-        self._track(asyncio.get_running_loop().create_task(self._run_session(session, conn, record)))
+        self.server.spawn(self._run_session, session, conn, record)
 
     def _unresumable(self, sid: str, fds: dict[str, int], why: str) -> None:
         """Leave the descriptors in the store (the guest waits rather than read wrong bytes)."""
@@ -408,7 +349,7 @@ class Listener:
     async def _watch_completed(self, sid: str, conn: socket.socket, record: SessionRecord) -> None:
         self.waiting_complete.add(sid)
         try:
-            await self._read_until_eof(conn)
+            await until_eof(conn)
         finally:
             self.waiting_complete.discard(sid)
             if not self.handing_over:

@@ -9,17 +9,15 @@ bounded by the config) and ``kind`` (its kind); per-session series only for live
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from uffdd.core import FILLING, SessionStats
+from uffdd.core import FILLING, Session, SessionStats
+from uffdd.service.listener import Listener
+from uffdd.service.totals import PATHS, SourceTotals
 
-if TYPE_CHECKING:
-    from uffdd.core import Session
-    from uffdd.service.listener import Listener
+Family = CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
 
 _COUNTERS = {
     "fault_msgs": ("uffdd_faults", "Page-fault messages read from userfaultfds"),
@@ -32,34 +30,11 @@ _COUNTERS = {
     "kernel_errors": ("uffdd_kernel_errors", "Failed userfaultfd ioctls (each retried)"),
     "retries": ("uffdd_continue_retries", "UFFDIO_CONTINUE retried after EAGAIN"),
 }
-PATHS = {"demand": "pages_demand", "fault_around": "pages_fault_around", "prefetch": "pages_prefetch",
-         "replay": "pages_replay"}
-"""How a page got in: the faulting page itself, its fault-around block, background pre-paging,
-or replay of a recorded working set."""
 OUTCOMES = {"inline": "fills_inline", "waited": "fills_async", "coalesced": "coalesced",
             "already_mapped": "already_mapped", "stolen": "stolen", "zeroed": "pages_zeroed"}
 """What became of a fault: served from the page cache at once, after waiting for the source,
 joined a fill in flight, found its page already there, took it over from pre-paging, or
 got zeros for a page the guest had discarded."""
-
-
-@dataclass
-class SourceTotals:
-    stats: SessionStats = field(default_factory=SessionStats)
-    bytes_by_path: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))
-
-
-class Totals:
-    """Counters of sessions that have ended, by (source name, kind)."""
-
-    def __init__(self) -> None:
-        self.by_source: dict[tuple[str, str], SourceTotals] = {}
-
-    def add(self, session: Session, kind: str) -> None:
-        t = self.by_source.setdefault((session.handshake.source, kind), SourceTotals())
-        t.stats.add(session.stats)
-        for path, attr in PATHS.items():
-            t.bytes_by_path[path] += getattr(session.stats, attr) * session.page_size
 
 
 def _inflight(s: Session) -> int:
@@ -76,78 +51,85 @@ class SessionCollector(Collector):
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+    def collect(self) -> Iterator[Family]:
         lst = self.listener
         live = list(lst.sessions.values())
         ended = dict(lst.totals.by_source)
-        stats = [s.stats for s in live] + [t.stats for t in ended.values()]
-        for attr, (name, doc) in _COUNTERS.items():
-            yield CounterMetricFamily(name, doc, value=sum(getattr(s, attr) for s in stats))
-        yield GaugeMetricFamily("uffdd_sessions_active", "Sessions being served", value=len(live))
-        yield CounterMetricFamily("uffdd_sessions", "Sessions started (resumed ones included)",
-                                  value=lst.sessions_total)
-        yield CounterMetricFamily("uffdd_sessions_resumed", "Sessions taken over from a predecessor via the fd store",
-                                  value=lst.sessions_resumed)
-        yield CounterMetricFamily("uffdd_handshakes_refused", "Handshakes refused", value=lst.handshakes_refused)
-        yield GaugeMetricFamily("uffdd_sessions_unresumed", "Stored sessions that could not be resumed (guests wait)",
-                                value=len(lst.unresumed))
+        yield from _service_families(lst, [s.stats for s in live] + [t.stats for t in ended.values()], len(live))
+        yield from _source_families(lst, live, ended)
+        yield from _session_families(live)
+        yield from peer_metrics(live)
 
-        # Per source: pages and bytes by path, outcomes, fetches in flight, latency.
-        groups: dict[tuple[str, str], list[Session]] = {}
-        for s in live:
-            groups.setdefault((s.handshake.source, lst.source_kind(s)), []).append(s)
-        keys = sorted(set(groups) | set(ended))
-        pages = CounterMetricFamily("uffdd_source_pages", "Pages installed, by source and path",
-                                    labels=["source", "kind", "path"])
-        nbytes = CounterMetricFamily("uffdd_source_bytes", "Bytes installed, by source and path",
-                                     labels=["source", "kind", "path"])
-        outcomes = CounterMetricFamily("uffdd_fault_outcomes", "Faults by source and outcome",
-                                       labels=["source", "kind", "outcome"])
-        inflight = GaugeMetricFamily("uffdd_pages_inflight", "Pages being fetched from the source right now",
-                                     labels=["source", "kind"])
-        latency = HistogramMetricFamily(
-            "uffdd_fault_service_seconds", "Time from reading a demand fault to installing its page, by source",
-            labels=["source", "kind", "outcome"])
-        for key in keys:
-            ss = groups.get(key, [])
-            tot = ended.get(key)
-            all_stats = [s.stats for s in ss] + ([tot.stats] if tot else [])
-            for path, attr in PATHS.items():
-                pages.add_metric([*key, path], sum(getattr(st, attr) for st in all_stats))
-                b = sum(getattr(s.stats, attr) * s.page_size for s in ss) + (tot.bytes_by_path[path] if tot else 0)
-                nbytes.add_metric([*key, path], b)
-            for outcome, attr in OUTCOMES.items():
-                outcomes.add_metric([*key, outcome], sum(getattr(st, attr, 0) for st in all_stats))
-            inflight.add_metric(list(key), sum(_inflight(s) for s in ss))
-            latency.add_metric([*key, "installed"], _buckets(all_stats), sum_value=_approx_sum(all_stats))
-        yield from (pages, nbytes, outcomes, inflight, latency)
 
-        remaining = GaugeMetricFamily(
-            "uffdd_session_pages_remaining", "Pages not yet installed", labels=["session", "vm_id"])
-        blocked = CounterMetricFamily(
-            "uffdd_session_blocked_seconds", "vCPU time spent waiting for uffdd (sum over demand faults)",
-            labels=["session", "vm_id"])
-        vcpu = CounterMetricFamily(
-            "uffdd_vcpu_blocked_seconds", "Time each faulting thread (vCPU) waited for uffdd, like QEMU's "
-            "postcopy blocktime", labels=["session", "vm_id", "tid"])
-        for s in live:
-            remaining.add_metric([s.id, s.vm_id], s.pages_remaining)
-            blocked.add_metric([s.id, s.vm_id], s.stats.blocked_ns / 1e9)
-            for tid, ns in list(s.stats.blocked_ns_by_tid.items()):
-                vcpu.add_metric([s.id, s.vm_id, str(tid)], ns / 1e9)
-        yield remaining
-        yield blocked
-        yield vcpu
-        yield from _peer_metrics(live)
+def _service_families(lst: Listener, stats: list[SessionStats], live: int) -> Iterator[Family]:
+    """Totals over every session, the session counts, and errors by kind."""
+    for attr, (name, doc) in _COUNTERS.items():
+        yield CounterMetricFamily(name, doc, value=sum(getattr(s, attr) for s in stats))
+    yield GaugeMetricFamily("uffdd_sessions_active", "Sessions being served", value=live)
+    yield CounterMetricFamily("uffdd_sessions", "Sessions started (resumed ones included)", value=lst.sessions_total)
+    yield CounterMetricFamily("uffdd_sessions_resumed", "Sessions taken over from a predecessor via the fd store",
+                              value=lst.sessions_resumed)
+    yield CounterMetricFamily("uffdd_handshakes_refused", "Handshakes refused", value=lst.handshakes_refused)
+    yield GaugeMetricFamily("uffdd_sessions_unresumed", "Stored sessions that could not be resumed (guests wait)",
+                            value=len(lst.unresumed))
+    errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])
+    errors.add_metric(["source"], sum(s.source_errors for s in stats))
+    errors.add_metric(["kernel"], sum(s.kernel_errors for s in stats))
+    errors.add_metric(["continue_retry"], sum(s.retries for s in stats))
+    errors.add_metric(["handshake"], lst.handshakes_refused)
+    errors.add_metric(["resume"], lst.resume_failures)
+    errors.add_metric(["fd_store"], lst.store_failures)
+    yield errors
 
-        errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])
-        errors.add_metric(["source"], sum(s.source_errors for s in stats))
-        errors.add_metric(["kernel"], sum(s.kernel_errors for s in stats))
-        errors.add_metric(["continue_retry"], sum(s.retries for s in stats))
-        errors.add_metric(["handshake"], lst.handshakes_refused)
-        errors.add_metric(["resume"], lst.resume_failures)
-        errors.add_metric(["fd_store"], lst.store_failures)
-        yield errors
+
+def _source_families(lst: Listener, live: list[Session],
+                     ended: dict[tuple[str, str], SourceTotals]) -> Iterator[Family]:
+    """Per source: pages and bytes by path, outcomes, fetches in flight, latency."""
+    groups: dict[tuple[str, str], list[Session]] = {}
+    for s in live:
+        groups.setdefault((s.handshake.source, lst.source_kind(s)), []).append(s)
+    pages = CounterMetricFamily("uffdd_source_pages", "Pages installed, by source and path",
+                                labels=["source", "kind", "path"])
+    nbytes = CounterMetricFamily("uffdd_source_bytes", "Bytes installed, by source and path",
+                                 labels=["source", "kind", "path"])
+    outcomes = CounterMetricFamily("uffdd_fault_outcomes", "Faults by source and outcome",
+                                   labels=["source", "kind", "outcome"])
+    inflight = GaugeMetricFamily("uffdd_pages_inflight", "Pages being fetched from the source right now",
+                                 labels=["source", "kind"])
+    latency = HistogramMetricFamily(
+        "uffdd_fault_service_seconds", "Time from reading a demand fault to installing its page, by source",
+        labels=["source", "kind", "outcome"])
+    for key in sorted(set(groups) | set(ended)):
+        ss = groups.get(key, [])
+        tot = ended.get(key)
+        all_stats = [s.stats for s in ss] + ([tot.stats] if tot else [])
+        for path, attr in PATHS.items():
+            pages.add_metric([*key, path], sum(getattr(st, attr) for st in all_stats))
+            b = sum(getattr(s.stats, attr) * s.handshake.page_size for s in ss)
+            nbytes.add_metric([*key, path], b + (tot.bytes_by_path[path] if tot else 0))
+        for outcome, attr in OUTCOMES.items():
+            outcomes.add_metric([*key, outcome], sum(getattr(st, attr, 0) for st in all_stats))
+        inflight.add_metric(list(key), sum(_inflight(s) for s in ss))
+        latency.add_metric([*key, "installed"], _buckets(all_stats), sum_value=_approx_sum(all_stats))
+    yield from (pages, nbytes, outcomes, inflight, latency)
+
+
+def _session_families(live: list[Session]) -> Iterator[Family]:
+    """Per live session: pages to go and the time its vCPUs spent blocked."""
+    remaining = GaugeMetricFamily(
+        "uffdd_session_pages_remaining", "Pages not yet installed", labels=["session", "vm_id"])
+    blocked = CounterMetricFamily(
+        "uffdd_session_blocked_seconds", "vCPU time spent waiting for uffdd (sum over demand faults)",
+        labels=["session", "vm_id"])
+    vcpu = CounterMetricFamily(
+        "uffdd_vcpu_blocked_seconds", "Time each faulting thread (vCPU) waited for uffdd, like QEMU's "
+        "postcopy blocktime", labels=["session", "vm_id", "tid"])
+    for s in live:
+        remaining.add_metric([s.id, s.vm_id], s.pages_remaining)
+        blocked.add_metric([s.id, s.vm_id], s.stats.blocked_ns / 1e9)
+        for tid, ns in list(s.stats.blocked_ns_by_tid.items()):
+            vcpu.add_metric([s.id, s.vm_id, str(tid)], ns / 1e9)
+    yield from (remaining, blocked, vcpu)
 
 
 def _buckets(stats: list[SessionStats]) -> list[tuple[str, float]]:
@@ -185,7 +167,7 @@ _PEER_COUNTERS = {
 }
 
 
-def _peer_metrics(live: list[Session]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+def peer_metrics(live: list[Session]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
     """Counters of sessions served from a peer (``uffdd serve``): recovery at a glance."""
     families = {k: CounterMetricFamily(f"uffdd_peer_{k}", doc, labels=["session", "vm_id"])
                 for k, doc in _PEER_COUNTERS.items()}

@@ -29,15 +29,16 @@ def _describe(what: str | None, predicate: Callable[..., object], last: object) 
 
 
 async def eventually(predicate: Callable[[], T | Awaitable[T]], *, timeout: float = DEFAULT_TIMEOUT,
-                     what: str | None = None) -> T:
+                     what: str | None = None, max_interval: float = _MAX_INTERVAL) -> T:
     """Poll ``predicate`` (a function or coroutine function) until it returns a true value,
     and return that value; raise :class:`NotYet` after ``timeout`` seconds.
 
-    The interval grows from 1 ms to 50 ms, so a condition that holds at once costs nothing and
-    a slow one does not spin.
+    The interval grows from 1 ms (or ``max_interval``, if smaller) to ``max_interval`` (50 ms),
+    so a condition that holds at once costs nothing and a slow one does not spin; a test that
+    must catch a moment (a kill landing mid-migration) polls finer.
     """
     deadline = time.monotonic() + timeout
-    interval = _FIRST_INTERVAL
+    interval = min(_FIRST_INTERVAL, max_interval)
     while True:
         value = predicate()
         if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
@@ -47,13 +48,14 @@ async def eventually(predicate: Callable[[], T | Awaitable[T]], *, timeout: floa
         if time.monotonic() >= deadline:
             raise NotYet(_describe(what, predicate, value))
         await asyncio.sleep(interval)
-        interval = min(interval * 2, _MAX_INTERVAL)
+        interval = min(interval * 2, max_interval)
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float = DEFAULT_TIMEOUT, what: str | None = None) -> T:
+def wait_until(predicate: Callable[[], T], *, timeout: float = DEFAULT_TIMEOUT, what: str | None = None,
+               max_interval: float = _MAX_INTERVAL) -> T:
     """:func:`eventually` for synchronous code (a thread, a test without an event loop)."""
     deadline = time.monotonic() + timeout
-    interval = _FIRST_INTERVAL
+    interval = min(_FIRST_INTERVAL, max_interval)
     while True:
         value = predicate()
         if value:
@@ -61,7 +63,7 @@ def wait_until(predicate: Callable[[], T], *, timeout: float = DEFAULT_TIMEOUT, 
         if time.monotonic() >= deadline:
             raise NotYet(_describe(what, predicate, value))
         time.sleep(interval)
-        interval = min(interval * 2, _MAX_INTERVAL)
+        interval = min(interval * 2, max_interval)
 
 
 __all__ = ["DEFAULT_TIMEOUT", "NotYet", "eventually", "wait_until"]

@@ -1,0 +1,62 @@
+"""The destination side of the link: pipelined page requests that survive a broken connection.
+
+A :class:`PeerClient` holds two channels to one image (:mod:`.channel`): urgent for demand
+faults, and bulk, opened on first use, for prefetch, so background traffic never sits in front
+of a fault. Each channel runs one connection at a time (:mod:`.connection`) and re-sends what a
+broken one left unanswered. :mod:`.options` holds what the client is told and what it counts.
+"""
+
+from __future__ import annotations
+
+from uffdd.errors import SourceUnavailable
+from uffdd.peer import protocol as p
+from uffdd.peer.client.channel import Channel
+from uffdd.peer.client.options import ClientOptions, PeerRefused, PeerStats
+
+
+class PeerClient:
+    """Both channels to one image: urgent for demand faults, bulk (opened on first use) for prefetch."""
+
+    def __init__(self, opts: ClientOptions) -> None:
+        self.opts = opts
+        self.stats = PeerStats()
+        self.urgent = Channel(opts, p.Role.URGENT, self.stats)
+        self.urgent.on_busy = self._urgent_busy
+        self.bulk: Channel | None = None
+
+    def _urgent_busy(self, busy: bool) -> None:
+        if self.bulk is not None:
+            self.bulk.hold(busy)
+
+    async def open(self) -> p.Welcome:
+        try:
+            return await self.urgent.wait_ready(self.opts.config.open_timeout)
+        except BaseException:
+            await self.urgent.aclose()
+            raise
+
+    @property
+    def welcome(self) -> p.Welcome:
+        assert self.urgent.welcome is not None
+        return self.urgent.welcome
+
+    async def fill(self, offset: int, dest: memoryview) -> None:
+        await self.urgent.read(offset, dest)
+
+    async def prefetch(self, offset: int, dest: memoryview) -> None:
+        if self.bulk is None:
+            self.bulk = Channel(self.opts, p.Role.BULK, self.stats, reference=self.urgent)
+            self.bulk.hold(self.urgent.busy)
+        await self.bulk.read(offset, dest)
+
+    @property
+    def unreachable(self) -> SourceUnavailable | None:
+        return self.urgent.unreachable or (self.bulk.unreachable if self.bulk is not None else None)
+
+    async def aclose(self) -> None:
+        await self.urgent.aclose()
+        if self.bulk is not None:
+            await self.bulk.aclose()
+
+
+__all__ = ["Channel", "ClientOptions", "PeerClient", "PeerRefused", "PeerStats"]
