@@ -1,0 +1,298 @@
+"""Getting chunks: memory, then the disk cache, then the store; each chunk once, demand first.
+
+One :class:`ChunkFetcher` per store and cache in a process serves every session that reads
+from that store. A chunk wanted by many sessions (or by a fault and by pre-paging at once) is
+fetched by one task that they all await; across processes the cache's per-chunk lock makes
+the others wait for the file instead of fetching again. Requests to the store share a bounded
+number of slots, and background fetches may take all but a few, so a demand fault never waits
+behind pre-paging for a slot; a fault that needs a chunk pre-paging has queued promotes it.
+
+A failing store is retried with backoff. Once it has failed for longer than ``deadline`` (no
+success since the first failure), the fetcher reports it unreachable (a log line and
+:attr:`ChunkFetcher.unreachable`), fails the waiting requests with SourceUnavailable (the
+session retries them) and keeps trying. Nothing reaches a caller that failed its hash check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from uffdd.errors import SourceUnavailable
+from uffdd.images.cache import ChunkCache, MemoryLRU
+from uffdd.images.format import ChunkRef, ImageFormatError, chunk_key, open_chunk
+from uffdd.images.store import ObjectStore, StoreError
+
+log = structlog.get_logger("uffdd.images")
+
+URGENT_RESERVE = 2
+"""Store slots that background fetches leave free for demand faults."""
+_pool: ThreadPoolExecutor | None = None
+
+
+def executor() -> ThreadPoolExecutor:
+    """Threads for hashing, decompressing and the disk cache (they release the GIL)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="uffdd-chunk")
+    return _pool
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    concurrency: int = 16
+    """Requests to the store in flight at once (per store, per process)."""
+    deadline: float = 60.0
+    retry_min: float = 0.05
+    retry_max: float = 2.0
+    memory_bytes: int = 64 << 20
+
+
+@dataclass
+class FetchStats:
+    """Counters of one fetcher (all sessions of one store in this process)."""
+
+    requests: int = 0
+    """GETs sent to the store."""
+    bytes_fetched: int = 0
+    memory_hits: int = 0
+    cache_hits: int = 0
+    waited_for_other: int = 0
+    """Chunks another process was fetching: read from the cache once it had finished."""
+    store_errors: int = 0
+    checksum_failures: int = 0
+    """Chunks from the store that failed their hash or format check (fetched again)."""
+    unreachable: int = 0
+    last_error: str = ""
+    by_source: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "by_source"}
+
+
+class _Job:
+    """One chunk being loaded, awaited by everyone who wants it."""
+
+    __slots__ = ("future", "plain_len", "ref", "running_bg", "task", "urgent", "wakeup")
+
+    def __init__(self, ref: ChunkRef, plain_len: int, urgent: bool) -> None:
+        self.ref = ref
+        self.plain_len = plain_len
+        self.urgent = urgent
+        self.running_bg = False
+        self.wakeup: asyncio.Future[None] | None = None
+        self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Slots:
+    """Store requests in flight: at most ``n``, background ones at most ``n - reserve``;
+    a freed slot goes to the oldest urgent waiter first."""
+
+    def __init__(self, n: int, reserve: int) -> None:
+        self.free = n
+        self.bg_max = max(1, n - reserve)
+        self.bg_running = 0
+        self.waiting: deque[_Job] = deque()
+
+    def _can_start(self, job: _Job) -> bool:
+        return self.free > 0 and (job.urgent or self.bg_running < self.bg_max)
+
+    def _start(self, job: _Job) -> None:
+        self.free -= 1
+        job.running_bg = not job.urgent
+        self.bg_running += job.running_bg
+
+    async def acquire(self, job: _Job) -> None:
+        if not self.waiting and self._can_start(job):
+            self._start(job)
+            return
+        job.wakeup = asyncio.get_running_loop().create_future()
+        self.waiting.append(job)
+        try:
+            await job.wakeup
+        except asyncio.CancelledError:
+            if job in self.waiting:
+                self.waiting.remove(job)
+            elif job.wakeup.done() and not job.wakeup.cancelled():
+                self.release(job)
+            raise
+
+    def release(self, job: _Job) -> None:
+        self.free += 1
+        self.bg_running -= job.running_bg
+        job.running_bg = False
+        self.wake()
+
+    def wake(self) -> None:
+        for want_urgent in (True, False):
+            for job in list(self.waiting):
+                if job.urgent == want_urgent and self._can_start(job):
+                    self.waiting.remove(job)
+                    self._start(job)
+                    assert job.wakeup is not None
+                    job.wakeup.set_result(None)
+
+
+class ChunkFetcher:
+    """Chunks of one store, for every session of this process that reads from it."""
+
+    def __init__(self, store: ObjectStore, cache: ChunkCache | None, options: FetchOptions) -> None:
+        self.store = store
+        self.cache = cache
+        self.opts = options
+        self.stats = FetchStats()
+        self.memory = MemoryLRU(options.memory_bytes)
+        self._jobs: dict[str, _Job] = {}
+        self._slots = _Slots(options.concurrency, min(URGENT_RESERVE, options.concurrency - 1))
+        self._outage_start: float | None = None
+        self.unreachable: SourceUnavailable | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def cached(self, name: str) -> bytes | None:
+        """The plain chunk if it is in memory (no waiting)."""
+        plain = self.memory.get(name)
+        if plain is not None:
+            self.stats.memory_hits += 1
+        return plain
+
+    async def get(self, ref: ChunkRef, plain_len: int, *, urgent: bool, keep: bool = True) -> bytes:
+        """The chunk's checked plain bytes. ``keep``: remember it in memory for the next faults."""
+        plain = self.memory.get(ref.name)
+        if plain is not None:
+            self.stats.memory_hits += 1
+            return plain
+        job = self._jobs.get(ref.name)
+        if job is None:
+            job = self._jobs[ref.name] = _Job(ref, plain_len, urgent)
+            job.task = asyncio.get_running_loop().create_task(self._run(job))
+        elif urgent and not job.urgent:
+            job.urgent = True  # a fault needs what pre-paging asked for: to the front
+            self._slots.wake()
+        plain = await asyncio.shield(job.future)
+        if keep:
+            self.memory.put(ref.name, plain)
+        return plain
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            plain = await self._load(job)
+        except BaseException as exc:
+            if not job.future.done():
+                job.future.set_exception(exc if isinstance(exc, Exception) else SourceUnavailable("cancelled"))
+                job.future.exception()  # retrieved: nobody may be waiting any more
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        else:
+            job.future.set_result(plain)
+        finally:
+            self._jobs.pop(job.ref.name, None)
+
+    async def _load(self, job: _Job) -> bytes:
+        delay = self.opts.retry_min
+        while True:
+            try:
+                plain = await self._load_once(job)
+            except (StoreError, ImageFormatError) as exc:
+                self._note_failure(exc, job)
+                if self.unreachable is not None:
+                    raise SourceUnavailable(str(self.unreachable)) from None
+            else:
+                self._note_success()
+                return plain
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.opts.retry_max)
+
+    async def _load_once(self, job: _Job) -> bytes:
+        ref, loop, cache = job.ref, asyncio.get_running_loop(), self.cache
+        if cache is not None:
+            poll = 0.002
+            while True:
+                got = await loop.run_in_executor(executor(), cache.read_or_lock, ref.name, job.plain_len)
+                if isinstance(got, bytes):
+                    self.stats.cache_hits += 1
+                    return got
+                if got:
+                    break  # ours to fetch
+                self.stats.waited_for_other += 1
+                await asyncio.sleep(poll)  # another process is fetching it: wait for its file
+                poll = min(poll * 2, 0.05)
+        try:
+            blob = await self._download(job)
+            try:
+                plain = await loop.run_in_executor(executor(), open_chunk, blob, ref.name, job.plain_len)
+            except ImageFormatError:
+                self.stats.checksum_failures += 1
+                raise
+        except BaseException:
+            if cache is not None:
+                cache.unlock(ref.name)
+            raise
+        if cache is not None:
+            task = loop.create_task(self._store_in_cache(cache, ref.name, blob))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return plain
+
+    async def _download(self, job: _Job) -> Any:
+        await self._slots.acquire(job)
+        try:
+            self.stats.requests += 1
+            blob = await self.store.get(chunk_key(job.ref.name), size=job.ref.stored, limit=job.ref.stored)
+            self.stats.bytes_fetched += len(blob)
+            return blob
+        finally:
+            self._slots.release(job)
+
+    async def _store_in_cache(self, cache: ChunkCache, name: str, blob: Any) -> None:
+        """Write a checked chunk to the cache, then let other processes have it."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor(), cache.write, name, blob)
+        except OSError as exc:
+            log.warning("chunk_cache_write_failed", chunk=name, cache=cache.path, error=str(exc))
+        finally:
+            cache.unlock(name)
+
+    def _note_failure(self, exc: Exception, job: _Job) -> None:
+        self.stats.store_errors += 1
+        self.stats.last_error = str(exc)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._outage_start is None:
+            self._outage_start = now
+        log.warning("chunk_fetch_failed", store=self.store.url, chunk=job.ref.name, error=str(exc),
+                    urgent=job.urgent)
+        down = now - self._outage_start
+        if self.unreachable is None and down > self.opts.deadline:
+            self.unreachable = SourceUnavailable(
+                f"image store {self.store.url} failing for {down:.1f}s (deadline {self.opts.deadline:g}s): {exc}")
+            self.stats.unreachable += 1
+            log.error("image_store_unreachable", store=self.store.url, seconds=round(down, 1),
+                      deadline=self.opts.deadline, error=str(exc))
+
+    def _note_success(self) -> None:
+        if self.unreachable is not None:
+            log.info("image_store_reachable", store=self.store.url)
+        self.unreachable = None
+        self._outage_start = None
+
+    async def drain(self) -> None:
+        """Wait for cache writes in flight (tests, orderly shutdown)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def cancel_all(self) -> None:
+        for job in list(self._jobs.values()):
+            if job.task is not None:
+                job.task.cancel()
+        for task in self._background:
+            with contextlib.suppress(Exception):
+                task.cancel()

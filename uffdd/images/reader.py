@@ -1,0 +1,147 @@
+"""Reading a packed image by offset: the manifest, and chunks through the shared fetcher."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from uffdd.errors import SourceShortRead, SourceUnavailable
+from uffdd.images.cache import ChunkCache, shared_cache
+from uffdd.images.fetcher import ChunkFetcher, FetchOptions, executor
+from uffdd.images.format import MAX_MANIFEST_BYTES as _MANIFEST_LIMIT
+from uffdd.images.format import ImageFormatError, Manifest, digest, parse_manifest
+from uffdd.images.store import ObjectStore, StoreError, StoreOptions, split_url
+
+_ZEROS = memoryview(bytes(2 << 20))
+_fetchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], ChunkFetcher]] = \
+    weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    path: str
+    max_bytes: int
+
+
+def shared_fetcher(store_url: str, store_options: StoreOptions, cache: CacheSpec | None,
+                   options: FetchOptions, *, cache_obj: ChunkCache | None = None) -> ChunkFetcher:
+    """The event loop's one fetcher for this store and cache: every session of the process
+    that reads from the same store shares its chunks, its slots and its view of the outage."""
+    per_loop = _fetchers.setdefault(asyncio.get_running_loop(), {})
+    key = (store_url, cache.path if cache else "")
+    fetcher = per_loop.get(key)
+    if fetcher is None:
+        fetcher = per_loop[key] = ChunkFetcher(ObjectStore(store_url, store_options), cache_obj, options)
+    return fetcher
+
+
+class ImageReader:
+    """One image: maps byte ranges to chunks and fills buffers from them."""
+
+    def __init__(self, url: str, manifest: Manifest, image_id: str, fetcher: ChunkFetcher) -> None:
+        self.url = url
+        self.manifest = manifest
+        self.image_id = image_id
+        """BLAKE3 of the manifest's bytes: names this exact image (working-set records)."""
+        self.fetcher = fetcher
+
+    @classmethod
+    async def open(cls, url: str, *, store_options: StoreOptions, fetch_options: FetchOptions,
+                   cache: CacheSpec | None = None, pinned_digest: str | None = None,
+                   open_timeout: float = 10.0) -> ImageReader:
+        """Fetch and check the manifest (retrying until ``open_timeout``); SourceUnavailable if not."""
+        store_url, key = split_url(url)
+        loop = asyncio.get_running_loop()
+        cache_obj = None
+        if cache is not None:
+            try:
+                cache_obj = await loop.run_in_executor(executor(), shared_cache, cache.path, cache.max_bytes)
+            except OSError as exc:
+                raise SourceUnavailable(f"chunk cache {cache.path!r}: {exc.strerror or exc}") from None
+        fetcher = shared_fetcher(store_url, store_options, cache, fetch_options, cache_obj=cache_obj)
+        raw = await _get_manifest(fetcher.store, key, url, open_timeout)
+        image_id = digest(raw)
+        if pinned_digest is not None and image_id != pinned_digest:
+            raise SourceUnavailable(f"image {url}: manifest digest is {image_id}, the config pins {pinned_digest}")
+        try:
+            manifest = parse_manifest(raw)
+        except ImageFormatError as exc:
+            raise SourceUnavailable(f"image {url}: {exc}") from None
+        return cls(url, manifest, image_id, fetcher)
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size
+
+    def record_path(self) -> str | None:
+        cache = self.fetcher.cache
+        return cache.workset_path(self.image_id) if cache is not None else None
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """(chunk index, offset in chunk, offset in dest, bytes) covering [offset, offset+length)."""
+        if offset < 0 or offset + length > self.manifest.size:
+            raise SourceShortRead(f"image {self.url} holds {self.manifest.size} bytes; asked for "
+                                  f"{length} at {offset}")
+        cs = self.manifest.chunk_size
+        pos, end = offset, offset + length
+        while pos < end:
+            index, within = divmod(pos, cs)
+            n = min(cs - within, end - pos)
+            yield index, within, pos - offset, n
+            pos += n
+
+    def read_nowait(self, offset: int, dest: memoryview) -> bool:
+        """Fill from chunks already in memory (or zero chunks); False if any would need waiting."""
+        table = self.manifest.table
+        pieces = list(self._pieces(offset, len(dest)))
+        plains = []
+        for index, _, _, _ in pieces:
+            ref = table[index]
+            plain = None if ref is None else self.fetcher.memory.get(ref.name)
+            if ref is not None and plain is None:
+                return False
+            plains.append(plain)
+        for (_, within, at, n), plain in zip(pieces, plains, strict=True):
+            _copy(dest, at, plain, within, n)
+        self.fetcher.stats.memory_hits += sum(p is not None for p in plains)
+        return True
+
+    async def read(self, offset: int, dest: memoryview, *, urgent: bool) -> None:
+        """Fill ``dest`` completely from the chunks (fetched concurrently), or raise SourceError."""
+        m = self.manifest
+        pieces = list(self._pieces(offset, len(dest)))
+        wanted = [(index, m.table[index]) for index, _, _, _ in pieces]
+        # Background runs keep in memory only chunks they use part of: the next run needs the rest.
+        got = await asyncio.gather(*(
+            self.fetcher.get(ref, m.chunk_len(index), urgent=urgent, keep=urgent or n < m.chunk_len(index))
+            for (index, ref), (_, _, _, n) in zip(wanted, pieces, strict=True) if ref is not None))
+        plains = iter(got)
+        for (_, within, at, n), (_, ref) in zip(pieces, wanted, strict=True):
+            _copy(dest, at, None if ref is None else next(plains), within, n)
+
+
+def _copy(dest: memoryview, at: int, plain: bytes | None, within: int, n: int) -> None:
+    if plain is None:
+        while n > 0:  # a zero chunk (possibly larger than the zero buffer)
+            k = min(n, len(_ZEROS))
+            dest[at : at + k] = _ZEROS[:k]
+            at += k
+            n -= k
+    else:
+        dest[at : at + n] = memoryview(plain)[within : within + n]
+
+
+async def _get_manifest(store: ObjectStore, key: str, url: str, open_timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + open_timeout
+    delay = 0.05
+    while True:
+        try:
+            return bytes(await store.get(key, limit=_MANIFEST_LIMIT))
+        except StoreError as exc:
+            if exc.missing or loop.time() + delay > give_up:
+                raise SourceUnavailable(f"image {url}: cannot read the manifest: {exc}") from None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
