@@ -111,7 +111,7 @@ def parse_manifest(raw: bytes) -> Manifest:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ImageFormatError(f"manifest: not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise ImageFormatError(f"manifest: not a {FORMAT} manifest (format field missing or different)")
+        raise ImageFormatError(f"manifest: format: not a {FORMAT} manifest")
     if doc.get("version") != VERSION:
         raise ImageFormatError(f"manifest: version {doc.get('version')!r} is not supported (this is {VERSION})")
     if doc.get("hash") != HASH:

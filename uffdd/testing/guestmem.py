@@ -28,7 +28,7 @@ class GuestMix:
     duplicate: float = 0.10
     text: float = 0.30
     random: float = 0.15
-    zero_run: tuple[int, int] = (16, 4096)
+    zero_run: tuple[int, int] = (16, 1024)
     duplicate_run: tuple[int, int] = (1, 64)
     text_run: tuple[int, int] = (4, 256)
     random_run: tuple[int, int] = (4, 128)

@@ -143,6 +143,32 @@ class NginxServer:
         return out
 
 
+class StaticServer:
+    """Python's own http.server on 127.0.0.1, for machines without nginx (the demo)."""
+
+    def __init__(self, root: str | os.PathLike[str], workdir: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.log = Path(workdir) / "http.log"
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> StaticServer:
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(self.root),
+                 str(self.port)], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_port(self.port, self.proc, "http.server", self.log)
+        return self
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+        self.proc = None
+
+
 class MotoServer:
     """moto's S3-compatible server, a separate process on 127.0.0.1; counts requests from its log."""
 
