@@ -16,7 +16,6 @@ session retries them) and keeps trying. Nothing reaches a caller that failed its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 from collections import deque
@@ -35,15 +34,17 @@ log = structlog.get_logger("uffdd.images")
 
 URGENT_RESERVE = 2
 """Store slots that background fetches leave free for demand faults."""
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[bool, ThreadPoolExecutor] = {}
 
 
-def executor() -> ThreadPoolExecutor:
-    """Threads for hashing, decompressing and the disk cache (they release the GIL)."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="uffdd-chunk")
-    return _pool
+def executor(urgent: bool = False) -> ThreadPoolExecutor:
+    """Threads for hashing, decompressing and the disk cache (they release the GIL). Demand
+    work has threads of its own, so it never queues behind a pre-paging backlog."""
+    pool = _pools.get(urgent)
+    if pool is None:
+        pool = _pools[urgent] = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                                   thread_name_prefix=f"uffdd-chunk{'-urgent' if urgent else ''}")
+    return pool
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class ChunkFetcher:
         self._slots = _Slots(options.concurrency, min(URGENT_RESERVE, options.concurrency - 1))
         self._outage_start: float | None = None
         self.unreachable: SourceUnavailable | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._writing: set[asyncio.Task[Any]] = set()
 
     def cached(self, name: str) -> bytes | None:
         """The plain chunk if it is in memory (no waiting)."""
@@ -183,43 +184,51 @@ class ChunkFetcher:
         return plain
 
     async def _run(self, job: _Job) -> None:
+        blob = None
         try:
-            plain = await self._load(job)
+            plain, blob = await self._load(job)
         except BaseException as exc:
+            self._jobs.pop(job.ref.name, None)
             if not job.future.done():
                 job.future.set_exception(exc if isinstance(exc, Exception) else SourceUnavailable("cancelled"))
                 job.future.exception()  # retrieved: nobody may be waiting any more
             if isinstance(exc, asyncio.CancelledError):
                 raise
-        else:
-            job.future.set_result(plain)
+            return
+        job.future.set_result(plain)
+        try:
+            if blob is not None and self.cache is not None:
+                await self._store_in_cache(self.cache, job.ref.name, blob)
         finally:
+            # Until its file is in place, the chunk is answered from this job (a new job would
+            # find neither the file nor a lock that stops this process from fetching again).
             self._jobs.pop(job.ref.name, None)
 
-    async def _load(self, job: _Job) -> bytes:
+    async def _load(self, job: _Job) -> tuple[bytes, Any]:
         delay = self.opts.retry_min
         while True:
             try:
-                plain = await self._load_once(job)
+                got = await self._load_once(job)
             except (StoreError, ImageFormatError) as exc:
                 self._note_failure(exc, job)
                 if self.unreachable is not None:
                     raise SourceUnavailable(str(self.unreachable)) from None
             else:
                 self._note_success()
-                return plain
+                return got
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.opts.retry_max)
 
-    async def _load_once(self, job: _Job) -> bytes:
+    async def _load_once(self, job: _Job) -> tuple[bytes, Any]:
+        """(plain chunk, its object if it came from the store and must go to the cache)."""
         ref, loop, cache = job.ref, asyncio.get_running_loop(), self.cache
         if cache is not None:
             poll = 0.002
             while True:
-                got = await loop.run_in_executor(executor(), cache.read_or_lock, ref.name, job.plain_len)
+                got = await loop.run_in_executor(executor(job.urgent), cache.read_or_lock, ref.name, job.plain_len)
                 if isinstance(got, bytes):
                     self.stats.cache_hits += 1
-                    return got
+                    return got, None
                 if got:
                     break  # ours to fetch
                 self.stats.waited_for_other += 1
@@ -228,7 +237,7 @@ class ChunkFetcher:
         try:
             blob = await self._download(job)
             try:
-                plain = await loop.run_in_executor(executor(), open_chunk, blob, ref.name, job.plain_len)
+                plain = await loop.run_in_executor(executor(job.urgent), open_chunk, blob, ref.name, job.plain_len)
             except ImageFormatError:
                 self.stats.checksum_failures += 1
                 raise
@@ -236,11 +245,7 @@ class ChunkFetcher:
             if cache is not None:
                 cache.unlock(ref.name)
             raise
-        if cache is not None:
-            task = loop.create_task(self._store_in_cache(cache, ref.name, blob))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        return plain
+        return plain, blob
 
     async def _download(self, job: _Job) -> Any:
         await self._slots.acquire(job)
@@ -254,11 +259,15 @@ class ChunkFetcher:
 
     async def _store_in_cache(self, cache: ChunkCache, name: str, blob: Any) -> None:
         """Write a checked chunk to the cache, then let other processes have it."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._writing.add(task)
         try:
             await asyncio.get_running_loop().run_in_executor(executor(), cache.write, name, blob)
         except OSError as exc:
             log.warning("chunk_cache_write_failed", chunk=name, cache=cache.path, error=str(exc))
         finally:
+            self._writing.discard(task)
             cache.unlock(name)
 
     def _note_failure(self, exc: Exception, job: _Job) -> None:
@@ -285,14 +294,6 @@ class ChunkFetcher:
         self._outage_start = None
 
     async def drain(self) -> None:
-        """Wait for cache writes in flight (tests, orderly shutdown)."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    def cancel_all(self) -> None:
-        for job in list(self._jobs.values()):
-            if job.task is not None:
-                job.task.cancel()
-        for task in self._background:
-            with contextlib.suppress(Exception):
-                task.cancel()
+        """Wait for the cache writes in flight."""
+        if self._writing:
+            await asyncio.wait(set(self._writing))

@@ -9,6 +9,8 @@ used. A failing store is retried; past ``deadline`` the source reports itself un
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 from typing import Any, ClassVar, Literal
@@ -127,6 +129,12 @@ class ImageSource(PageSource):
 
     def record_path(self) -> str | None:
         return self.reader.record_path()
+
+    async def aclose(self) -> None:
+        """Let the chunk-cache writes in flight finish (the fetcher itself serves other sessions)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self.reader.fetcher.drain()
 
     def describe(self) -> str:
         return f"image:{self.reader.url}"
