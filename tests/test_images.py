@@ -148,20 +148,21 @@ def test_a_decompression_bomb_costs_nothing() -> None:
         open_chunk(HEADER.pack(MAGIC, 1, CHUNK) + streamed, "00" * 32, CHUNK)
 
 
-def _cached(tmp_path: Path, max_bytes: int = 64 * MIB) -> tuple[ChunkCache, bytes, str, bytes]:
+def _cached(tmp_path: Path, max_bytes: int = 64 * MIB) -> tuple[ChunkCache, bytes, str]:
     cache = ChunkCache(str(tmp_path / "cache"), max_bytes)
     cache.open()
     plain = os.urandom(4096) * 4
     name = digest(plain)
-    blob = seal_chunk(plain, "zstd")
-    cache.write(name, blob)
-    return cache, plain, name, blob
+    cache.write(name, plain)
+    return cache, plain, name
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
 def test_a_corrupted_or_torn_cache_file_is_removed_not_served(tmp_path: Path, damage: str) -> None:
-    cache, plain, name, _blob = _cached(tmp_path)
+    cache, plain, name = _cached(tmp_path)
     assert cache.read(name, len(plain)) == plain
+    view = memoryview(bytearray(len(plain)))
+    assert cache.load(name, view, nowait=True) and view == plain
     path = Path(cache.file(name))
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -171,8 +172,9 @@ def test_a_corrupted_or_torn_cache_file_is_removed_not_served(tmp_path: Path, da
     else:
         data = bytearray()
     path.write_bytes(bytes(data))
-    assert cache.read(name, len(plain)) is None
+    assert not cache.load(name, memoryview(bytearray(len(plain))), nowait=True)
     assert not path.exists() and cache.stats.corrupt == 1
+    assert cache.read(name, len(plain)) is None
     assert cache.read_or_lock(name, len(plain)) is True, "ours to fetch again"
     cache.unlock(name)
 
@@ -184,7 +186,7 @@ def test_the_cache_stays_under_max_bytes_dropping_least_recently_used(tmp_path: 
     for i in range(12):
         plain = os.urandom(64 << 10)
         names.append((digest(plain), plain))
-        cache.write(names[-1][0], seal_chunk(plain, "none"))
+        cache.write(names[-1][0], plain)
         os.utime(cache.file(names[-1][0]), (1000 + i, 1000 + i))  # an explicit age order
     cache.evict()
     kept = {n for n, _ in names if os.path.exists(cache.file(n))}
@@ -193,7 +195,7 @@ def test_the_cache_stays_under_max_bytes_dropping_least_recently_used(tmp_path: 
 
 
 def test_only_one_process_at_a_time_may_fetch_a_chunk(tmp_path: Path) -> None:
-    cache, _, _name, _ = _cached(tmp_path)
+    cache, _, _ = _cached(tmp_path)
     other = "cd" * 32
     assert cache.try_lock(other)
     code = ("import sys; from uffdd.images.cache import ChunkCache; c = ChunkCache(sys.argv[1], 1 << 30); "

@@ -1,14 +1,16 @@
 """The local chunk cache: chunk objects on disk, shared by every process on the host.
 
-Files are the chunk objects exactly as the store holds them, named by content hash, so one
-file serves every image that contains that chunk. A file appears only by ``rename`` of a
-complete write, and every read checks the content hash again: a torn or corrupted file (a
-crash, a bad disk, a hand edit) is removed and fetched again, never served. Processes agree
+Files hold chunks decompressed, named by their content hash, so one file serves every image
+that contains that chunk, and a cached chunk costs one read and one hash: no decompression.
+A file appears only by ``rename`` of a complete write, and every read checks the content hash
+again: a torn or corrupted file (a crash, a bad disk, a hand edit) is removed and fetched
+again, never served. Processes agree
 on who fetches a chunk with a byte-range lock per chunk on one lock file, so two daemons (or
 workers) wanting the same chunk fetch it once. The cache is kept under ``max_bytes`` by
 removing the least recently used files (modification time, refreshed on use).
 
-All methods here block on the disk: call them from a worker thread.
+All methods here may block on the disk: call them from a worker thread, except
+``load(..., nowait=True)``, which only reads what the page cache holds.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from uffdd.images.format import CHUNKS_DIR, ImageFormatError, open_chunk
+from uffdd.images.format import CHUNKS_DIR, digest
 
 LOW_WATER = 0.9
 """Eviction removes files until the cache holds at most this share of max_bytes."""
 TOUCH_AFTER_S = 60.0
 """A file used again is marked recent at most this often (one utime per minute, not per use)."""
 _EVICT_LOCK = 0
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
 
 
 @dataclass
@@ -71,7 +74,7 @@ class ChunkCache:
         return os.path.join(self.path, "worksets", f"{image_id}.ws")
 
     # --- chunks ----------------------------------------------------------------------------
-    def read_or_lock(self, name: str, plain_len: int) -> bytes | bool:
+    def read_or_lock(self, name: str, plain_len: int) -> Plain | bool:
         """The plain chunk if cached; else True if this process now holds the right to fetch
         it (and it is still not cached), False if another process is fetching it."""
         plain = self.read(name, plain_len)
@@ -87,8 +90,7 @@ class ChunkCache:
         return True
 
     def read(self, name: str, plain_len: int) -> bytes | None:
-        """The chunk's plain bytes if the cache holds a good copy; None otherwise. A copy that
-        fails its check is removed (if no one has replaced it meanwhile)."""
+        """The chunk's plain bytes if the cache holds a good copy; None otherwise."""
         path = self.file(name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -97,29 +99,67 @@ class ChunkCache:
             return None
         try:
             st = os.fstat(fd)
-            blob = os.read(fd, st.st_size + 1)
+            data = os.read(fd, plain_len + 1) if st.st_size == plain_len else b""
         finally:
             os.close(fd)
+        return data if self._checked(path, st, data, name, plain_len) else None
+
+    def load(self, name: str, dest: memoryview, *, nowait: bool = False) -> bool:
+        """Fill ``dest`` (exactly the chunk's length) from the cache and check the hash.
+
+        False: not cached, a bad copy (removed, if no one has replaced it meanwhile), or with
+        ``nowait`` not all in the page cache (preadv2 RWF_NOWAIT): then nothing is counted.
+        """
+        path = self.file(name)
         try:
-            plain = open_chunk(blob, name, plain_len)
-        except ImageFormatError:
-            self.stats.corrupt += 1
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == st.st_ino:
-                    os.unlink(path)
-            return None
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.stats.misses += not nowait
+            return False
+        try:
+            st = os.fstat(fd)
+            n = -1
+            if st.st_size == len(dest):
+                try:
+                    n = os.preadv(fd, [dest], 0, _RWF_NOWAIT if nowait else 0)
+                except OSError:
+                    if nowait:  # would block (EAGAIN), or no RWF_NOWAIT here
+                        return False
+                    raise
+                if nowait and n != len(dest):
+                    return False
+        finally:
+            os.close(fd)
+        return self._checked(path, st, dest if n == len(dest) else b"", name, len(dest))
+
+    def _checked(self, path: str, st: os.stat_result, data: object, name: str, plain_len: int) -> bool:
+        """Whether ``data`` is the whole chunk ``name``; a bad copy is removed and counted."""
+        if len(data) != plain_len or digest(data) != name:  # type: ignore[arg-type]
+            self._remove_bad(path, st.st_ino)
+            return False
         self.stats.hits += 1
         if time.time() - st.st_mtime > TOUCH_AFTER_S:
             with contextlib.suppress(OSError):
                 os.utime(path)
-        return plain
+        return True
 
-    def write(self, name: str, blob: object) -> None:
-        """Add a verified chunk object: written aside, then renamed into place."""
+    def _remove_bad(self, path: str, ino: int) -> None:
+        self.stats.corrupt += 1
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == ino:
+                os.unlink(path)
+
+    def write(self, name: str, plain: object) -> None:
+        """Add a checked chunk (its plain bytes): written aside, then renamed into place."""
         final = self.file(name)
         tmp = os.path.join(self.path, "tmp", f"{name}.{os.getpid()}.{threading.get_native_id()}")
-        data = memoryview(blob)  # type: ignore[arg-type]
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        data = memoryview(plain)  # type: ignore[arg-type]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileNotFoundError:  # the cache was wiped under us: start it again
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            fd = os.open(tmp, flags, 0o644)
         try:
             done = 0
             while done < len(data):
@@ -202,22 +242,26 @@ class ChunkCache:
         return self._bytes
 
 
+Plain = bytes | bytearray
+"""A chunk's checked plain bytes (never written to once checked)."""
+
+
 class MemoryLRU:
     """Recently used plain chunks in memory, bounded in bytes: the next faults in a chunk are
     served inline, without a thread hop or a disk read. Event-loop thread only."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, Plain] = OrderedDict()
         self._bytes = 0
 
-    def get(self, name: str) -> bytes | None:
+    def get(self, name: str) -> Plain | None:
         item = self._items.get(name)
         if item is not None:
             self._items.move_to_end(name)
         return item
 
-    def put(self, name: str, plain: bytes) -> None:
+    def put(self, name: str, plain: Plain) -> None:
         if name in self._items or len(plain) > self.max_bytes:
             return
         self._items[name] = plain

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from uffdd.errors import SourceUnavailable
-from uffdd.images.cache import ChunkCache, MemoryLRU
+from uffdd.images.cache import ChunkCache, MemoryLRU, Plain
 from uffdd.images.format import ChunkRef, ImageFormatError, chunk_key, open_chunk
 from uffdd.images.store import ObjectStore, StoreError
 
@@ -90,7 +90,7 @@ class _Job:
         self.urgent = urgent
         self.running_bg = False
         self.wakeup: asyncio.Future[None] | None = None
-        self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[Plain] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
 
 
@@ -158,14 +158,43 @@ class ChunkFetcher:
         self.unreachable: SourceUnavailable | None = None
         self._writing: set[asyncio.Task[Any]] = set()
 
-    def cached(self, name: str) -> bytes | None:
-        """The plain chunk if it is in memory (no waiting)."""
-        plain = self.memory.get(name)
+    def get_nowait(self, ref: ChunkRef, plain_len: int) -> Plain | None:
+        """The chunk from memory, or from a cache file the page cache holds whole; no waiting."""
+        plain = self.memory.get(ref.name)
         if plain is not None:
             self.stats.memory_hits += 1
-        return plain
+            return plain
+        if self.cache is None:
+            return None
+        buf = bytearray(plain_len)
+        if not self.cache.load(ref.name, memoryview(buf), nowait=True):
+            return None
+        self.stats.cache_hits += 1
+        self.memory.put(ref.name, buf)
+        return buf
 
-    async def get(self, ref: ChunkRef, plain_len: int, *, urgent: bool, keep: bool = True) -> bytes:
+    def load_nowait(self, ref: ChunkRef, dest: memoryview) -> bool:
+        """Fill ``dest`` (the whole chunk) from memory or the page-cached cache file; no waiting."""
+        plain = self.memory.get(ref.name)
+        if plain is not None:
+            dest[:] = plain
+            self.stats.memory_hits += 1
+            return True
+        if self.cache is not None and self.cache.load(ref.name, dest, nowait=True):
+            self.stats.cache_hits += 1
+            return True
+        return False
+
+    def load_cached(self, wanted: list[tuple[str, memoryview]]) -> list[bool]:
+        """Worker thread: fill each whole-chunk view from the cache (one thread hop for a whole
+        pre-paging run); which ones it could."""
+        cache = self.cache
+        assert cache is not None
+        done = [cache.load(name, dest) for name, dest in wanted]
+        self.stats.cache_hits += sum(done)
+        return done
+
+    async def get(self, ref: ChunkRef, plain_len: int, *, urgent: bool, keep: bool = True) -> Plain:
         """The chunk's checked plain bytes. ``keep``: remember it in memory for the next faults."""
         plain = self.memory.get(ref.name)
         if plain is not None:
@@ -184,9 +213,8 @@ class ChunkFetcher:
         return plain
 
     async def _run(self, job: _Job) -> None:
-        blob = None
         try:
-            plain, blob = await self._load(job)
+            plain, fetched = await self._load(job)
         except BaseException as exc:
             self._jobs.pop(job.ref.name, None)
             if not job.future.done():
@@ -197,14 +225,14 @@ class ChunkFetcher:
             return
         job.future.set_result(plain)
         try:
-            if blob is not None and self.cache is not None:
-                await self._store_in_cache(self.cache, job.ref.name, blob)
+            if fetched and self.cache is not None:
+                await self._store_in_cache(self.cache, job.ref.name, plain)
         finally:
             # Until its file is in place, the chunk is answered from this job (a new job would
             # find neither the file nor a lock that stops this process from fetching again).
             self._jobs.pop(job.ref.name, None)
 
-    async def _load(self, job: _Job) -> tuple[bytes, Any]:
+    async def _load(self, job: _Job) -> tuple[Plain, bool]:
         delay = self.opts.retry_min
         while True:
             try:
@@ -219,16 +247,16 @@ class ChunkFetcher:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.opts.retry_max)
 
-    async def _load_once(self, job: _Job) -> tuple[bytes, Any]:
-        """(plain chunk, its object if it came from the store and must go to the cache)."""
+    async def _load_once(self, job: _Job) -> tuple[Plain, bool]:
+        """(plain chunk, whether it came from the store and must go to the cache)."""
         ref, loop, cache = job.ref, asyncio.get_running_loop(), self.cache
         if cache is not None:
             poll = 0.002
             while True:
                 got = await loop.run_in_executor(executor(job.urgent), cache.read_or_lock, ref.name, job.plain_len)
-                if isinstance(got, bytes):
+                if isinstance(got, (bytes, bytearray)):
                     self.stats.cache_hits += 1
-                    return got, None
+                    return got, False
                 if got:
                     break  # ours to fetch
                 self.stats.waited_for_other += 1
@@ -245,7 +273,7 @@ class ChunkFetcher:
             if cache is not None:
                 cache.unlock(ref.name)
             raise
-        return plain, blob
+        return plain, True
 
     async def _download(self, job: _Job) -> Any:
         await self._slots.acquire(job)
@@ -257,13 +285,13 @@ class ChunkFetcher:
         finally:
             self._slots.release(job)
 
-    async def _store_in_cache(self, cache: ChunkCache, name: str, blob: Any) -> None:
+    async def _store_in_cache(self, cache: ChunkCache, name: str, plain: Plain) -> None:
         """Write a checked chunk to the cache, then let other processes have it."""
         task = asyncio.current_task()
         assert task is not None
         self._writing.add(task)
         try:
-            await asyncio.get_running_loop().run_in_executor(executor(), cache.write, name, blob)
+            await asyncio.get_running_loop().run_in_executor(executor(), cache.write, name, plain)
         except OSError as exc:
             log.warning("chunk_cache_write_failed", chunk=name, cache=cache.path, error=str(exc))
         finally:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from uffdd.errors import SourceShortRead, SourceUnavailable
-from uffdd.images.cache import ChunkCache, shared_cache
+from uffdd.images.cache import ChunkCache, Plain, shared_cache
 from uffdd.images.fetcher import ChunkFetcher, FetchOptions, executor
 from uffdd.images.format import MAX_MANIFEST_BYTES as _MANIFEST_LIMIT
 from uffdd.images.format import ImageFormatError, Manifest, digest, parse_manifest
@@ -93,36 +93,50 @@ class ImageReader:
             pos += n
 
     def read_nowait(self, offset: int, dest: memoryview) -> bool:
-        """Fill from chunks already in memory (or zero chunks); False if any would need waiting."""
-        table = self.manifest.table
-        pieces = list(self._pieces(offset, len(dest)))
-        plains = []
-        for index, _, _, _ in pieces:
-            ref = table[index]
-            plain = None if ref is None else self.fetcher.memory.get(ref.name)
-            if ref is not None and plain is None:
-                return False
-            plains.append(plain)
-        for (_, within, at, n), plain in zip(pieces, plains, strict=True):
-            _copy(dest, at, plain, within, n)
-        self.fetcher.stats.memory_hits += sum(p is not None for p in plains)
+        """Fill from memory, zero chunks and page-cached cache files; False if any part would
+        need waiting (``dest`` may then be partly written: the caller fills it again)."""
+        m, fetcher = self.manifest, self.fetcher
+        for index, within, at, n in self._pieces(offset, len(dest)):
+            ref = m.table[index]
+            if ref is None:
+                _copy(dest, at, None, within, n)
+            elif n == m.chunk_len(index):
+                if not fetcher.load_nowait(ref, dest[at : at + n]):
+                    return False
+            else:
+                plain = fetcher.get_nowait(ref, m.chunk_len(index))
+                if plain is None:
+                    return False
+                _copy(dest, at, plain, within, n)
         return True
 
     async def read(self, offset: int, dest: memoryview, *, urgent: bool) -> None:
         """Fill ``dest`` completely from the chunks (fetched concurrently), or raise SourceError."""
-        m = self.manifest
-        pieces = list(self._pieces(offset, len(dest)))
-        wanted = [(index, m.table[index]) for index, _, _, _ in pieces]
+        m, fetcher = self.manifest, self.fetcher
+        pieces = []
+        for index, within, at, n in self._pieces(offset, len(dest)):
+            if m.table[index] is None:
+                _copy(dest, at, None, within, n)  # a zero chunk
+            else:
+                pieces.append((index, within, at, n))
+        if not urgent and fetcher.cache is not None:
+            # Pre-paging: whole chunks straight from the cache into dest, in one thread hop.
+            whole = [p for p in pieces if p[3] == m.chunk_len(p[0])]
+            if whole:
+                views = [(ref.name, dest[at : at + n]) for index, _, at, n in whole
+                         if (ref := m.table[index]) is not None]
+                done = await asyncio.get_running_loop().run_in_executor(executor(), fetcher.load_cached, views)
+                loaded = {p[0] for p, ok in zip(whole, done, strict=True) if ok}
+                pieces = [p for p in pieces if p[0] not in loaded]
         # Background runs keep in memory only chunks they use part of: the next run needs the rest.
         got = await asyncio.gather(*(
-            self.fetcher.get(ref, m.chunk_len(index), urgent=urgent, keep=urgent or n < m.chunk_len(index))
-            for (index, ref), (_, _, _, n) in zip(wanted, pieces, strict=True) if ref is not None))
-        plains = iter(got)
-        for (_, within, at, n), (_, ref) in zip(pieces, wanted, strict=True):
-            _copy(dest, at, None if ref is None else next(plains), within, n)
+            fetcher.get(ref, m.chunk_len(index), urgent=urgent, keep=urgent or n < m.chunk_len(index))
+            for index, _, _, n in pieces if (ref := m.table[index]) is not None))
+        for (_, within, at, n), plain in zip(pieces, got, strict=True):
+            _copy(dest, at, plain, within, n)
 
 
-def _copy(dest: memoryview, at: int, plain: bytes | None, within: int, n: int) -> None:
+def _copy(dest: memoryview, at: int, plain: Plain | None, within: int, n: int) -> None:
     if plain is None:
         while n > 0:  # a zero chunk (possibly larger than the zero buffer)
             k = min(n, len(_ZEROS))
