@@ -23,6 +23,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import obstore
+from obstore.store import LocalStore
+
 from uffdd.images.format import CHUNKS_DIR, digest
 
 LOW_WATER = 0.9
@@ -60,6 +63,7 @@ class ChunkCache:
         for sub in (CHUNKS_DIR, "tmp", "worksets"):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._store = LocalStore(self.path)
         self._bytes = sum(size for _, size, _ in self._scan())
 
     def close(self) -> None:
@@ -74,20 +78,20 @@ class ChunkCache:
         return os.path.join(self.path, "worksets", f"{image_id}.ws")
 
     # --- chunks ----------------------------------------------------------------------------
-    def read_or_lock(self, name: str, plain_len: int) -> Plain | bool:
-        """The plain chunk if cached; else True if this process now holds the right to fetch
-        it (and it is still not cached), False if another process is fetching it."""
-        plain = self.read(name, plain_len)
-        if plain is not None:
-            return plain
+    def probe(self, name: str) -> str:
+        """Where ``name`` stands, from file metadata only (cheap enough for the event loop):
+        "cached" (read it), "mine" (not cached, and this process now holds the right to fetch
+        it) or "busy" (another process is fetching it)."""
+        path = self.file(name)
+        if os.path.exists(path):
+            return "cached"
         if not self.try_lock(name):
-            return False
-        if os.path.exists(self.file(name)):  # finished by another process just before we locked
-            plain = self.read(name, plain_len)
-            if plain is not None:
-                self.unlock(name)
-                return plain
-        return True
+            return "busy"
+        if os.path.exists(path):  # finished by another process just before we locked
+            self.unlock(name)
+            return "cached"
+        self.stats.misses += 1
+        return "mine"
 
     def read(self, name: str, plain_len: int) -> bytes | None:
         """The chunk's plain bytes if the cache holds a good copy; None otherwise."""
@@ -171,13 +175,23 @@ class ChunkCache:
         except FileNotFoundError:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.rename(tmp, final)
+        if self.added(len(data)):
+            self.evict()
+
+    async def write_async(self, name: str, plain: object) -> bool:
+        """:meth:`write` without the GIL: obstore writes the file aside and renames it into
+        place on its own threads, so a cache write never competes with the fault path for
+        the interpreter. True if the cache should now be trimmed (:meth:`evict`)."""
+        await obstore.put_async(self._store, f"{CHUNKS_DIR}/{name[:2]}/{name}", plain)  # type: ignore[arg-type]
+        return self.added(len(plain))  # type: ignore[arg-type]
+
+    def added(self, nbytes: int) -> bool:
+        """Count a new file; whether it is time to look at the whole cache's size again."""
         self.stats.writes += 1
         with self._mu:
-            self._bytes += len(data)
-            self._written_since_scan += len(data)
-            due = self._bytes > self.max_bytes or self._written_since_scan > self.max_bytes // 8
-        if due:
-            self.evict()
+            self._bytes += nbytes
+            self._written_since_scan += nbytes
+            return self._bytes > self.max_bytes or self._written_since_scan > self.max_bytes // 8
 
     # --- one fetch per chunk across processes ----------------------------------------------
     @staticmethod

@@ -29,10 +29,14 @@ from uffdd.errors import SourceUnavailable
 from uffdd.images.cache import ChunkCache, MemoryLRU, Plain
 from uffdd.images.format import ChunkRef, ImageFormatError, chunk_key, open_chunk
 from uffdd.images.store import ObjectStore, StoreError
+from uffdd.images.writer import CacheWriter
 
 log = structlog.get_logger("uffdd.images")
 
 URGENT_RESERVE = 2
+INLINE_CHECK = 256 << 10
+"""A demand fault's chunk up to this size is decompressed and checked on the event loop
+(about 100 us for 64 KiB): handing it to a thread and back costs as much again."""
 """Store slots that background fetches leave free for demand faults."""
 _pools: dict[bool, ThreadPoolExecutor] = {}
 
@@ -156,7 +160,7 @@ class ChunkFetcher:
         self._slots = _Slots(options.concurrency, min(URGENT_RESERVE, options.concurrency - 1))
         self._outage_start: float | None = None
         self.unreachable: SourceUnavailable | None = None
-        self._writing: set[asyncio.Task[Any]] = set()
+        self.writer = CacheWriter(cache) if cache is not None else None
 
     def get_nowait(self, ref: ChunkRef, plain_len: int) -> Plain | None:
         """The chunk from memory, or from a cache file the page cache holds whole; no waiting."""
@@ -197,9 +201,13 @@ class ChunkFetcher:
     async def get(self, ref: ChunkRef, plain_len: int, *, urgent: bool, keep: bool = True) -> Plain:
         """The chunk's checked plain bytes. ``keep``: remember it in memory for the next faults."""
         plain = self.memory.get(ref.name)
+        if plain is None and self.writer is not None:
+            plain = self.writer.waiting.get(ref.name)
         if plain is not None:
             self.stats.memory_hits += 1
             return plain
+        if urgent and self.writer is not None:
+            self.writer.note_urgent()
         job = self._jobs.get(ref.name)
         if job is None:
             job = self._jobs[ref.name] = _Job(ref, plain_len, urgent)
@@ -223,14 +231,12 @@ class ChunkFetcher:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        if fetched and self.writer is not None:
+            if job.urgent:
+                self.writer.note_urgent()
+            self.writer.add(job.ref.name, plain)
+        self._jobs.pop(job.ref.name, None)
         job.future.set_result(plain)
-        try:
-            if fetched and self.cache is not None:
-                await self._store_in_cache(self.cache, job.ref.name, plain)
-        finally:
-            # Until its file is in place, the chunk is answered from this job (a new job would
-            # find neither the file nor a lock that stops this process from fetching again).
-            self._jobs.pop(job.ref.name, None)
 
     async def _load(self, job: _Job) -> tuple[Plain, bool]:
         delay = self.opts.retry_min
@@ -252,20 +258,23 @@ class ChunkFetcher:
         ref, loop, cache = job.ref, asyncio.get_running_loop(), self.cache
         if cache is not None:
             poll = 0.002
-            while True:
-                got = await loop.run_in_executor(executor(job.urgent), cache.read_or_lock, ref.name, job.plain_len)
-                if isinstance(got, (bytes, bytearray)):
-                    self.stats.cache_hits += 1
-                    return got, False
-                if got:
-                    break  # ours to fetch
+            while (state := cache.probe(ref.name)) != "mine":
+                if state == "cached":
+                    got = await loop.run_in_executor(executor(job.urgent), cache.read, ref.name, job.plain_len)
+                    if got is not None:
+                        self.stats.cache_hits += 1
+                        return got, False
+                    continue  # a bad copy, now removed
                 self.stats.waited_for_other += 1
                 await asyncio.sleep(poll)  # another process is fetching it: wait for its file
                 poll = min(poll * 2, 0.05)
         try:
             blob = await self._download(job)
             try:
-                plain = await loop.run_in_executor(executor(job.urgent), open_chunk, blob, ref.name, job.plain_len)
+                if job.urgent and job.plain_len <= INLINE_CHECK:  # a thread hop costs more than this
+                    plain = open_chunk(blob, ref.name, job.plain_len)
+                else:
+                    plain = await loop.run_in_executor(executor(), open_chunk, blob, ref.name, job.plain_len)
             except ImageFormatError:
                 self.stats.checksum_failures += 1
                 raise
@@ -284,19 +293,6 @@ class ChunkFetcher:
             return blob
         finally:
             self._slots.release(job)
-
-    async def _store_in_cache(self, cache: ChunkCache, name: str, plain: Plain) -> None:
-        """Write a checked chunk to the cache, then let other processes have it."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._writing.add(task)
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor(), cache.write, name, plain)
-        except OSError as exc:
-            log.warning("chunk_cache_write_failed", chunk=name, cache=cache.path, error=str(exc))
-        finally:
-            self._writing.discard(task)
-            cache.unlock(name)
 
     def _note_failure(self, exc: Exception, job: _Job) -> None:
         self.stats.store_errors += 1
@@ -322,6 +318,6 @@ class ChunkFetcher:
         self._outage_start = None
 
     async def drain(self) -> None:
-        """Wait for the cache writes in flight."""
-        if self._writing:
-            await asyncio.wait(set(self._writing))
+        """Write the fetched chunks still waiting for the cache."""
+        if self.writer is not None:
+            await self.writer.drain()
