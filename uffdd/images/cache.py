@@ -23,9 +23,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import obstore
-from obstore.store import LocalStore
-
 from uffdd.images.format import CHUNKS_DIR, digest
 
 LOW_WATER = 0.9
@@ -63,7 +60,6 @@ class ChunkCache:
         for sub in (CHUNKS_DIR, "tmp", "worksets"):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._store = LocalStore(self.path)
         self._bytes = sum(size for _, size, _ in self._scan())
 
     def close(self) -> None:
@@ -153,8 +149,9 @@ class ChunkCache:
             if os.stat(path).st_ino == ino:
                 os.unlink(path)
 
-    def write(self, name: str, plain: object) -> None:
-        """Add a checked chunk (its plain bytes): written aside, then renamed into place."""
+    def write(self, name: str, plain: object) -> bool:
+        """Add a checked chunk (its plain bytes): written aside, then renamed into place.
+        True if the cache should now be trimmed (:meth:`evict`)."""
         final = self.file(name)
         tmp = os.path.join(self.path, "tmp", f"{name}.{os.getpid()}.{threading.get_native_id()}")
         data = memoryview(plain)  # type: ignore[arg-type]
@@ -175,22 +172,10 @@ class ChunkCache:
         except FileNotFoundError:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.rename(tmp, final)
-        if self.added(len(data)):
-            self.evict()
-
-    async def write_async(self, name: str, plain: object) -> bool:
-        """:meth:`write` without the GIL: obstore writes the file aside and renames it into
-        place on its own threads, so a cache write never competes with the fault path for
-        the interpreter. True if the cache should now be trimmed (:meth:`evict`)."""
-        await obstore.put_async(self._store, f"{CHUNKS_DIR}/{name[:2]}/{name}", plain)  # type: ignore[arg-type]
-        return self.added(len(plain))  # type: ignore[arg-type]
-
-    def added(self, nbytes: int) -> bool:
-        """Count a new file; whether it is time to look at the whole cache's size again."""
         self.stats.writes += 1
         with self._mu:
-            self._bytes += nbytes
-            self._written_since_scan += nbytes
+            self._bytes += len(data)
+            self._written_since_scan += len(data)
             return self._bytes > self.max_bytes or self._written_since_scan > self.max_bytes // 8
 
     # --- one fetch per chunk across processes ----------------------------------------------

@@ -86,13 +86,15 @@ class FetchStats:
 class _Job:
     """One chunk being loaded, awaited by everyone who wants it."""
 
-    __slots__ = ("future", "plain_len", "ref", "running_bg", "task", "urgent", "wakeup")
+    __slots__ = ("future", "keep", "plain_len", "ref", "running_bg", "task", "urgent", "wakeup")
 
     def __init__(self, ref: ChunkRef, plain_len: int, urgent: bool) -> None:
         self.ref = ref
         self.plain_len = plain_len
         self.urgent = urgent
         self.running_bg = False
+        self.keep = False
+        """Put the chunk in memory when it arrives (it was fetched ahead of need)."""
         self.wakeup: asyncio.Future[None] | None = None
         self.future: asyncio.Future[Plain] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
@@ -189,14 +191,16 @@ class ChunkFetcher:
             return True
         return False
 
-    def load_cached(self, wanted: list[tuple[str, memoryview]]) -> list[bool]:
-        """Worker thread: fill each whole-chunk view from the cache (one thread hop for a whole
-        pre-paging run); which ones it could."""
-        cache = self.cache
-        assert cache is not None
-        done = [cache.load(name, dest) for name, dest in wanted]
-        self.stats.cache_hits += sum(done)
-        return done
+    def read_ahead(self, ref: ChunkRef, plain_len: int) -> None:
+        """Start a background fetch of a chunk that is not here yet; it is kept in memory."""
+        name = ref.name
+        if (name in self._jobs or self.memory.get(name) is not None
+                or (self.writer is not None and name in self.writer.waiting)
+                or (self.cache is not None and os.path.exists(self.cache.file(name)))):
+            return
+        job = self._jobs[name] = _Job(ref, plain_len, urgent=False)
+        job.keep = True
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
 
     async def get(self, ref: ChunkRef, plain_len: int, *, urgent: bool, keep: bool = True) -> Plain:
         """The chunk's checked plain bytes. ``keep``: remember it in memory for the next faults."""
@@ -235,6 +239,8 @@ class ChunkFetcher:
             if job.urgent:
                 self.writer.note_urgent()
             self.writer.add(job.ref.name, plain)
+        if job.keep:
+            self.memory.put(job.ref.name, plain)
         self._jobs.pop(job.ref.name, None)
         job.future.set_result(plain)
 

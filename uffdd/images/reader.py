@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from uffdd.images.format import ImageFormatError, Manifest, digest, parse_manife
 from uffdd.images.store import ObjectStore, StoreError, StoreOptions, split_url
 
 _ZEROS = memoryview(bytes(2 << 20))
+READ_AHEAD = 32
+"""Chunks fetched ahead of pre-paging (in the background, into memory)."""
+Piece = tuple[int, int, int, int]
+"""(chunk index, offset in the chunk, offset in dest, bytes)."""
 _fetchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], ChunkFetcher]] = \
     weakref.WeakKeyDictionary()
 
@@ -79,7 +84,7 @@ class ImageReader:
         cache = self.fetcher.cache
         return cache.workset_path(self.image_id) if cache is not None else None
 
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+    def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
         """(chunk index, offset in chunk, offset in dest, bytes) covering [offset, offset+length)."""
         if offset < 0 or offset + length > self.manifest.size:
             raise SourceShortRead(f"image {self.url} holds {self.manifest.size} bytes; asked for "
@@ -112,28 +117,81 @@ class ImageReader:
 
     async def read(self, offset: int, dest: memoryview, *, urgent: bool) -> None:
         """Fill ``dest`` completely from the chunks (fetched concurrently), or raise SourceError."""
+        if not urgent:
+            await self._read_background(offset, dest)
+            return
+        m = self.manifest
+        pieces = list(self._pieces(offset, len(dest)))
+        got = await asyncio.gather(*(self.fetcher.get(ref, m.chunk_len(index), urgent=True)
+                                     for index, _, _, _ in pieces if (ref := m.table[index]) is not None))
+        plains = iter(got)
+        for index, within, at, n in pieces:
+            _copy(dest, at, None if m.table[index] is None else next(plains), within, n)
+
+    async def _read_background(self, offset: int, dest: memoryview) -> None:
+        """Pre-paging: zeros and cached chunks are written into ``dest`` by a worker thread
+        (one hop per run, copies without the GIL); the rest is fetched, then copied the same way."""
         m, fetcher = self.manifest, self.fetcher
-        pieces = []
-        for index, within, at, n in self._pieces(offset, len(dest)):
-            if m.table[index] is None:
-                _copy(dest, at, None, within, n)  # a zero chunk
-            else:
-                pieces.append((index, within, at, n))
-        if not urgent and fetcher.cache is not None:
-            # Pre-paging: whole chunks straight from the cache into dest, in one thread hop.
-            whole = [p for p in pieces if p[3] == m.chunk_len(p[0])]
-            if whole:
-                views = [(ref.name, dest[at : at + n]) for index, _, at, n in whole
-                         if (ref := m.table[index]) is not None]
-                done = await asyncio.get_running_loop().run_in_executor(executor(), fetcher.load_cached, views)
-                loaded = {p[0] for p, ok in zip(whole, done, strict=True) if ok}
-                pieces = [p for p in pieces if p[0] not in loaded]
-        # Background runs keep in memory only chunks they use part of: the next run needs the rest.
+        loop = asyncio.get_running_loop()
+        pieces = list(self._pieces(offset, len(dest)))
+        self._read_ahead(pieces[-1][0] + 1)
+        todo = await loop.run_in_executor(executor(), self._fill_local, dest, pieces)
+        # Keep in memory only chunks this run uses part of: the next run needs the rest.
         got = await asyncio.gather(*(
-            fetcher.get(ref, m.chunk_len(index), urgent=urgent, keep=urgent or n < m.chunk_len(index))
-            for index, _, _, n in pieces if (ref := m.table[index]) is not None))
-        for (_, within, at, n), plain in zip(pieces, got, strict=True):
-            _copy(dest, at, plain, within, n)
+            fetcher.get(ref, m.chunk_len(index), urgent=False, keep=n < m.chunk_len(index))
+            for index, _, _, n in todo if (ref := m.table[index]) is not None))
+        if todo:
+            parts: list[tuple[int, Plain | None, int, int]] = [
+                (at, plain, within, n) for (_, within, at, n), plain in zip(todo, got, strict=True)]
+            await loop.run_in_executor(executor(), copy_into, dest, parts)
+
+    def _read_ahead(self, first: int) -> None:
+        """Start fetching the chunks after a pre-paging run (those the cache does not hold), so
+        the store is kept busy while the daemon installs what it has: pre-paging moves on."""
+        m = self.manifest
+        for index in range(first, min(first + READ_AHEAD, len(m.table))):
+            ref = m.table[index]
+            if ref is not None:
+                self.fetcher.read_ahead(ref, m.chunk_len(index))
+
+    def _fill_local(self, dest: memoryview, pieces: list[Piece]) -> list[Piece]:
+        """Worker thread: write the zero chunks and the whole chunks the cache holds; return
+        the pieces still to fetch."""
+        m, cache = self.manifest, self.fetcher.cache
+        zeros: list[tuple[int, Plain | None, int, int]] = []
+        todo = []
+        for index, within, at, n in pieces:
+            ref = m.table[index]
+            if ref is None:
+                zeros.append((at, None, within, n))
+            elif not (cache is not None and n == m.chunk_len(index) and cache.load(ref.name, dest[at : at + n])):
+                todo.append((index, within, at, n))
+        copy_into(dest, zeros)
+        self.fetcher.stats.cache_hits += sum(1 for p in pieces if m.table[p[0]] is not None) - len(todo)
+        return todo
+
+
+def copy_into(dest: memoryview, parts: list[tuple[int, Plain | None, int, int]]) -> None:
+    """Copy each (at, plain, within, n) -- zeros where plain is None -- into ``dest`` with
+    memmove/memset, which run without the GIL: a worker thread copies while the event loop
+    serves faults."""
+    if not parts:
+        return
+    anchor = ctypes.c_char.from_buffer(dest)
+    try:
+        base = ctypes.addressof(anchor)
+        for at, plain, within, n in parts:
+            if plain is None:
+                ctypes.memset(base + at, 0, n)
+            elif isinstance(plain, bytes):
+                src_addr = ctypes.cast(ctypes.c_char_p(plain), ctypes.c_void_p).value or 0
+                ctypes.memmove(base + at, src_addr + within, n)
+            else:
+                src = ctypes.c_char.from_buffer(plain)
+                ctypes.memmove(base + at, ctypes.addressof(src) + within, n)
+                del src
+    finally:
+        del anchor
 
 
 def _copy(dest: memoryview, at: int, plain: Plain | None, within: int, n: int) -> None:

@@ -11,10 +11,11 @@ fetches it again meanwhile.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
-from obstore.exceptions import BaseError
 
 from uffdd.images.cache import ChunkCache, Plain
 
@@ -24,6 +25,15 @@ QUIET_S = 0.002
 """Writes start once no demand fault has waited for a chunk for this long..."""
 MAX_WAITING_BYTES = 64 << 20
 """...or once this many bytes wait to be written."""
+WRITES_IN_FLIGHT = 4
+_writers: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _writers
+    if _writers is None:
+        _writers = ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="uffdd-cache-write")
+    return _writers
 
 
 class CacheWriter:
@@ -61,20 +71,23 @@ class CacheWriter:
                 if calm < QUIET_S and self._bytes < MAX_WAITING_BYTES and not self._flush:
                     await asyncio.sleep(QUIET_S - calm)
                     continue
-                name, plain = next(iter(self.waiting.items()))
-                try:
-                    if await self.cache.write_async(name, plain):
-                        await asyncio.to_thread(self.cache.evict)
-                except (OSError, BaseError) as exc:
-                    log.warning("chunk_cache_write_failed", chunk=name, cache=self.cache.path, error=str(exc))
-                finally:
-                    del self.waiting[name]
-                    self._bytes -= len(plain)
-                    self.cache.unlock(name)
+                batch = list(itertools.islice(self.waiting.items(), WRITES_IN_FLIGHT))
+                await asyncio.gather(*(self._write(name, plain) for name, plain in batch))
         finally:
             self._task = None
             self._flush = False
             self._idle.set()
+
+    async def _write(self, name: str, plain: Plain) -> None:
+        try:
+            if await asyncio.get_running_loop().run_in_executor(_pool(), self.cache.write, name, plain):
+                await asyncio.get_running_loop().run_in_executor(_pool(), self.cache.evict)
+        except OSError as exc:
+            log.warning("chunk_cache_write_failed", chunk=name, cache=self.cache.path, error=str(exc))
+        finally:
+            del self.waiting[name]
+            self._bytes -= len(plain)
+            self.cache.unlock(name)
 
     async def drain(self) -> None:
         """Write everything waiting now, without waiting for a quiet moment."""
