@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from uffdd.images.cache import ChunkCache, Plain, shared_cache
 from uffdd.images.fetcher import ChunkFetcher, FetchOptions, executor
 from uffdd.images.format import MAX_MANIFEST_BYTES as _MANIFEST_LIMIT
 from uffdd.images.format import ImageFormatError, Manifest, digest, parse_manifest
+from uffdd.images.memops import copy_into, populate
 from uffdd.images.store import ObjectStore, StoreError, StoreOptions, split_url
 
 _ZEROS = memoryview(bytes(2 << 20))
@@ -158,6 +158,7 @@ class ImageReader:
         """Worker thread: write the zero chunks and the whole chunks the cache holds; return
         the pieces still to fetch."""
         m, cache = self.manifest, self.fetcher.cache
+        populate(dest)  # one call, instead of a page fault per page while copying
         zeros: list[tuple[int, Plain | None, int, int]] = []
         todo = []
         for index, within, at, n in pieces:
@@ -169,29 +170,6 @@ class ImageReader:
         copy_into(dest, zeros)
         self.fetcher.stats.cache_hits += sum(1 for p in pieces if m.table[p[0]] is not None) - len(todo)
         return todo
-
-
-def copy_into(dest: memoryview, parts: list[tuple[int, Plain | None, int, int]]) -> None:
-    """Copy each (at, plain, within, n) -- zeros where plain is None -- into ``dest`` with
-    memmove/memset, which run without the GIL: a worker thread copies while the event loop
-    serves faults."""
-    if not parts:
-        return
-    anchor = ctypes.c_char.from_buffer(dest)
-    try:
-        base = ctypes.addressof(anchor)
-        for at, plain, within, n in parts:
-            if plain is None:
-                ctypes.memset(base + at, 0, n)
-            elif isinstance(plain, bytes):
-                src_addr = ctypes.cast(ctypes.c_char_p(plain), ctypes.c_void_p).value or 0
-                ctypes.memmove(base + at, src_addr + within, n)
-            else:
-                src = ctypes.c_char.from_buffer(plain)
-                ctypes.memmove(base + at, ctypes.addressof(src) + within, n)
-                del src
-    finally:
-        del anchor
 
 
 def _copy(dest: memoryview, at: int, plain: Plain | None, within: int, n: int) -> None:
