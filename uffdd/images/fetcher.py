@@ -20,7 +20,7 @@ import os
 import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -77,22 +77,22 @@ class FetchStats:
     """Chunks from the store that failed their hash or format check (fetched again)."""
     unreachable: int = 0
     last_error: str = ""
-    by_source: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "by_source"}
+        return dict(self.__dict__)
 
 
 class _Job:
     """One chunk being loaded, awaited by everyone who wants it."""
 
-    __slots__ = ("future", "keep", "plain_len", "ref", "running_bg", "task", "urgent", "wakeup")
+    __slots__ = ("attempts", "future", "keep", "plain_len", "ref", "running_bg", "task", "urgent", "wakeup")
 
     def __init__(self, ref: ChunkRef, plain_len: int, urgent: bool) -> None:
         self.ref = ref
         self.plain_len = plain_len
         self.urgent = urgent
         self.running_bg = False
+        self.attempts = 0
         self.keep = False
         """Put the chunk in memory when it arrives (it was fetched ahead of need)."""
         self.wakeup: asyncio.Future[None] | None = None
@@ -307,8 +307,10 @@ class ChunkFetcher:
         now = loop.time()
         if self._outage_start is None:
             self._outage_start = now
-        log.warning("chunk_fetch_failed", store=self.store.url, chunk=job.ref.name, error=str(exc),
-                    urgent=job.urgent)
+        job.attempts += 1
+        if job.attempts == 1 or job.attempts % 10 == 0:  # loud, but not one line per retry
+            log.warning("chunk_fetch_failed", store=self.store.url, chunk=job.ref.name, error=str(exc),
+                        urgent=job.urgent, attempt=job.attempts)
         down = now - self._outage_start
         if self.unreachable is None and down > self.opts.deadline:
             self.unreachable = SourceUnavailable(
