@@ -228,7 +228,13 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> None:
     for q in out["pack"]:
         print(f"  {q['chunk'] >> 10:>5} KiB chunks: store {q['ratio']:.1%} of the memory; "
               f"5%-changed diff image {q['diff_stored'] / MIB:.1f} MiB = {q['diff_ratio']:.1%} of the base")
-    i = out["install"]
+    if "install" in out:
+        report_install(args, out["install"])
+    if "demand" in out:
+        report_demand(args, out["demand"])
+
+
+def report_install(args: argparse.Namespace, i: dict[str, Any]) -> None:
     cold, plain = med(i["cold_mb_s"]), med(i["plain_mb_s"])
     warm, file = med(i["warm_gb_s"]), med(i["file_gb_s"])
     print(f"install, idle {i['size'] >> 20} MiB guest ({i['image_bytes'] / MIB:.1f} MiB of chunks), "
@@ -240,7 +246,9 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> None:
     direct = med(i["direct_gb_s"])
     print(f"  warm cache written straight into a memory file by 2 threads (no core): {direct:.2f} GB/s "
           f"{_r(i['direct_gb_s'], 2)} = {direct / file:.2f}x the file source")
-    d = out["demand"]
+
+
+def report_demand(args: argparse.Namespace, d: dict[str, Any]) -> None:
     print(f"demand faults, 1 vCPU, 1% of a {args.latency_size >> 20} MiB guest in random order, "
           f"{args.rounds} alternating rounds (p50 us; p99 in brackets):")
     print(f"  warm cache {med(d['warm']):.0f} [{med(d['warm_p99']):.0f}] {_r(d['warm'])}; file source "
@@ -262,7 +270,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--chunk-size", type=parse_size, default=256 << 10)
     ap.add_argument("--chunk-sizes", default="", help="more chunk sizes for the pack sizes, e.g. 64K,1M")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: install, demand")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: install, demand (pack: one "
+                    "round only)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logs.configure("json", "error")
@@ -273,12 +282,13 @@ def main() -> int:
         mem, changed = work / "guest.mem", work / "changed.mem"
         make_guest_image(mem, args.size, seed=1)
         change_pages(mem, changed, 0.05, seed=2)
-        out: dict[str, Any] = {"pack": [bench_pack(work, mem, changed, args.chunk_size, args.rounds)]}
+        skip = set(args.skip.split(","))
+        pack_rounds = 1 if "pack" in skip else args.rounds
+        out: dict[str, Any] = {"pack": [bench_pack(work, mem, changed, args.chunk_size, pack_rounds)]}
         for extra in filter(None, args.chunk_sizes.split(",")):
             out["pack"].append(bench_pack(work, mem, changed, parse_size(extra), 1))
         server = NginxServer(out["pack"][0]["store"], work / "nginx").start()
         try:
-            skip = set(args.skip.split(","))
             if "install" not in skip:
                 out["install"] = bench_install(work, mem, server, "base", args.rounds)
             if "demand" not in skip:
