@@ -30,7 +30,9 @@ from uffdd.images.format import (
     seal_chunk,
 )
 from uffdd.images.pack import PackOptions, load_manifest, pack, verify
+from uffdd.images.store import ObjectStore, StoreError
 from uffdd.testing.guestmem import change_pages, make_guest_image
+from uffdd.testing.servers import StaticServer
 
 MIB = 1 << 20
 CHUNK = 256 << 10
@@ -244,3 +246,20 @@ def test_uffdd_pack_and_verify_from_the_command_line(guest_file: Path, tmp_path:
     done = uffdd_cli("pack", str(guest_file), str(store), "--chunk-size", "3000")
     assert done.returncode == 2 and "--chunk-size" in done.stderr
     assert chunk_key("ab" * 32).startswith("chunks/ab/")
+
+
+async def test_a_server_without_range_requests_is_read_with_plain_gets(guest_file: Path, tmp_path: Path) -> None:
+    """Python's http.server answers no Range header: chunks come whole, and are still checked."""
+    res = await pack(str(guest_file), str(tmp_path / "store"), PackOptions(name="vm"))
+    server = StaticServer(tmp_path / "store", tmp_path).start()
+    try:
+        checked = await verify(f"{server.url}/vm.json", against=str(guest_file))
+        assert checked.checked == res.chunks and not checked.bad and not checked.mismatched
+        manifest, _ = await load_manifest(f"{server.url}/vm.json")
+        ref = next(r for r in manifest.table if r is not None)
+        store = ObjectStore(server.url)
+        assert len(await store.get(chunk_key(ref.name), size=ref.stored, limit=ref.stored)) == ref.stored
+        with pytest.raises(StoreError, match="expected 1"):
+            await store.get(chunk_key(ref.name), size=1, limit=1)
+    finally:
+        server.stop()

@@ -213,7 +213,12 @@ class ChunkFetcher:
         if urgent and self.writer is not None:
             self.writer.note_urgent()
         job = self._jobs.get(ref.name)
-        if job is None:
+        if job is None and urgent:
+            # A fault: load it in this task (a task switch less on the way to the guest);
+            # whoever else wants the chunk meanwhile awaits the job's future.
+            job = self._jobs[ref.name] = _Job(ref, plain_len, urgent)
+            await self._run(job)
+        elif job is None:
             job = self._jobs[ref.name] = _Job(ref, plain_len, urgent)
             job.task = asyncio.get_running_loop().create_task(self._run(job))
         elif urgent and not job.urgent:

@@ -185,12 +185,10 @@ def seal_chunk(plain: Any, codec: str, level: int = 3) -> bytes:
     return HEADER.pack(MAGIC, code, n) + bytes(body)
 
 
-def open_chunk(blob: Any, name: str, plain_len: int) -> bytes:
-    """Decompress one untrusted chunk object and check it is exactly the chunk ``name``.
-
-    Output is bounded by ``plain_len`` (what the manifest says this chunk holds), so a
-    decompression bomb costs nothing; a wrong header, length or hash raises ImageFormatError.
-    """
+def unseal(blob: Any, name: str, plain_len: int) -> bytes:
+    """Decompress one untrusted chunk object into at most ``plain_len`` bytes (what the
+    manifest says this chunk holds), so a decompression bomb costs nothing; a wrong header or
+    length raises ImageFormatError. The content is not checked yet: see :func:`open_chunk`."""
     mv = memoryview(blob)
     if len(mv) < HEADER.size or len(mv) > plain_len + MAX_OVERHEAD:
         raise ImageFormatError(f"chunk {name}: {len(mv)} bytes stored for {plain_len} plain: not a chunk object")
@@ -212,6 +210,13 @@ def open_chunk(blob: Any, name: str, plain_len: int) -> bytes:
         raise ImageFormatError(f"chunk {name}: does not decompress: {exc}") from None
     if len(plain) != n:
         raise ImageFormatError(f"chunk {name}: decompressed to {len(plain)} bytes, expected {n}")
+    return plain
+
+
+def open_chunk(blob: Any, name: str, plain_len: int) -> bytes:
+    """The plain bytes of an untrusted chunk object, if and only if they are exactly the
+    chunk ``name`` (:func:`unseal`, then the content hash); ImageFormatError otherwise."""
+    plain = unseal(blob, name, plain_len)
     got = digest(plain)
     if got != name:
         raise ImageFormatError(f"chunk {name}: content hash is {got}: corrupted")

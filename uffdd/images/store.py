@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import obstore
-from obstore.exceptions import BaseError, NotFoundError
+from obstore.exceptions import BaseError, NotFoundError, NotSupportedError
 from obstore.store import HTTPStore, LocalStore, from_url
 
 SCHEMES = ("file", "http", "https", "s3", "gs", "az", "abfs", "abfss")
@@ -70,6 +70,7 @@ class ObjectStore:
 
     def __init__(self, url: str, options: StoreOptions | None = None, *, create: bool = False) -> None:
         self.url = url.rstrip("/")
+        self._ranges = True
         opts = options or StoreOptions()
         scheme = check_url(self.url + "/x")
         client: Any = {"timeout": timedelta(seconds=opts.timeout),
@@ -95,9 +96,19 @@ class ObjectStore:
             self._store = from_url(self.url, client_options=client, retry_config=retry, **extra)
 
     async def get(self, key: str, *, size: int | None = None, limit: int) -> Any:
-        """The object's bytes (a buffer). ``size``: it must be exactly that long; ``limit``: at
-        most that long. Checked from the answer's length before the body is read."""
+        """The object's bytes (a buffer). ``size``: read exactly that many (one Range GET, a
+        single round trip; a plain GET where the server has no ranges); ``limit``: refuse an
+        object longer than that, from its length, before the body is read."""
         try:
+            if size is not None and self._ranges:
+                try:
+                    data = await obstore.get_range_async(self._store, key, start=0, end=size)
+                except NotSupportedError:
+                    self._ranges = False  # e.g. Python's http.server: plain GETs from now on
+                else:
+                    if len(data) != size:
+                        raise StoreError(f"{self.url}/{key}: answer of {len(data)} bytes, expected {size}")
+                    return data
             result = await obstore.get_async(self._store, key)
             n = int(result.meta["size"])
             if n > limit or (size is not None and n != size):
