@@ -110,24 +110,47 @@ class ChunkCache:
         False: not cached, a bad copy (removed, if no one has replaced it meanwhile), or with
         ``nowait`` not all in the page cache (preadv2 RWF_NOWAIT): then nothing is counted.
         """
+        if nowait:
+            return self.read_nowait(name, len(dest), into=dest) is not None
+        return self._load(name, dest)
+
+    def read_nowait(self, name: str, plain_len: int, *, into: memoryview | None = None) -> Plain | None:
+        """The chunk from a cache file the page cache holds whole (no waiting on the disk), read
+        into ``into`` or a new buffer; None if it is not cached, not all in the page cache, or bad.
+        The buffer is allocated only once the file is open: a miss costs one failed open."""
         path = self.file(name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            self.stats.misses += not nowait
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != plain_len:
+                n, dest = -1, memoryview(b"")
+            else:
+                dest = into if into is not None else memoryview(bytearray(plain_len))
+                try:
+                    n = os.preadv(fd, [dest], 0, _RWF_NOWAIT)
+                except OSError:  # would block (EAGAIN), or no RWF_NOWAIT here
+                    return None
+                if n != plain_len:
+                    return None
+        finally:
+            os.close(fd)
+        if not self._checked(path, st, dest if n == plain_len else b"", name, plain_len):
+            return None
+        return dest.obj if into is None else into  # type: ignore[return-value]
+
+    def _load(self, name: str, dest: memoryview) -> bool:
+        path = self.file(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.stats.misses += 1
             return False
         try:
             st = os.fstat(fd)
-            n = -1
-            if st.st_size == len(dest):
-                try:
-                    n = os.preadv(fd, [dest], 0, _RWF_NOWAIT if nowait else 0)
-                except OSError:
-                    if nowait:  # would block (EAGAIN), or no RWF_NOWAIT here
-                        return False
-                    raise
-                if nowait and n != len(dest):
-                    return False
+            n = os.preadv(fd, [dest], 0) if st.st_size == len(dest) else -1
         finally:
             os.close(fd)
         return self._checked(path, st, dest if n == len(dest) else b"", name, len(dest))

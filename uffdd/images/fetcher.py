@@ -170,14 +170,14 @@ class ChunkFetcher:
         if plain is not None:
             self.stats.memory_hits += 1
             return plain
-        if self.cache is None:
+        if self.cache is None or ref.name in self._jobs:
             return None
-        buf = bytearray(plain_len)
-        if not self.cache.load(ref.name, memoryview(buf), nowait=True):
+        got = self.cache.read_nowait(ref.name, plain_len)
+        if got is None:
             return None
         self.stats.cache_hits += 1
-        self.memory.put(ref.name, buf)
-        return buf
+        self.memory.put(ref.name, got)
+        return got
 
     def load_nowait(self, ref: ChunkRef, dest: memoryview) -> bool:
         """Fill ``dest`` (the whole chunk) from memory or the page-cached cache file; no waiting."""
