@@ -93,7 +93,8 @@ async def image_daemon(packed: tuple[Path, Path], nginx: NginxServer, tmp_path: 
 
 def assert_exact(res: dict[str, Any]) -> None:
     assert res.get("stage") != "handshake", res
-    assert res["wrong_pages"] == 0 and res["pages_checked"] == res["pages"] and res["returncode"] == 0, res
+    checked = res["touched"] if res.get("verify_only_touched") else res["pages"]
+    assert res["wrong_pages"] == 0 and res["pages_checked"] == checked > 0 and res["returncode"] == 0, res
 
 
 def the_source(d: Daemon) -> ImageSource:
@@ -307,3 +308,24 @@ async def test_a_restore_from_s3_and_again_from_the_cache(
 def test_the_demo_restores_from_a_packed_image_over_http() -> None:
     out = assert_demo_ok(uffdd_cli("demo", "--image", "--size", "64M", timeout=120))
     assert "image chunks" in out
+
+
+async def test_a_recorded_working_set_of_an_image_is_replayed_from_the_cache(
+        packed: tuple[Path, Path], nginx: NginxServer, tmp_path: Path, snapshot_4k: Path) -> None:
+    mem = packed[0]
+    source = image_source(f"{nginx.url}/vm.json", tmp_path)
+    off = {"fault_around": 0, "prefetch": {"enabled": False}}
+    cfg = make_config(tmp_path, snapshot_4k, session={**off, "record": True, "replay": False},
+                      sources={"image": source})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        assert_exact(await d.run_vmm(**_image_vmm(mem, touch_fraction=0.05, seed=9, wait_complete=0,
+                                                  verify_only_touched=True)))
+        await d.wait_idle()
+    records = list((tmp_path / "cache" / "worksets").glob("*.ws"))
+    assert len(records) == 1
+    cfg = make_config(tmp_path, snapshot_4k, session={**off, "replay": True}, sources={"image": source})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        assert_exact(await d.run_vmm(**_image_vmm(mem, touch_fraction=0.05, seed=9, wait_complete=0,
+                                                  verify_only_touched=True)))
+        await d.wait_idle()
+        assert d.listener.ended_totals.pages_replay > 0

@@ -3,6 +3,7 @@ images store only what changed, and the chunk cache never serves a bad copy."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -263,3 +264,30 @@ async def test_a_server_without_range_requests_is_read_with_plain_gets(guest_fil
             await store.get(chunk_key(ref.name), size=1, limit=1)
     finally:
         server.stop()
+
+
+async def test_a_demand_fetch_gets_the_next_store_slot_and_background_leaves_two_free() -> None:
+    from uffdd.images.fetcher import _Job, _Slots
+    from uffdd.images.format import ChunkRef
+
+    def job(i: int, urgent: bool) -> _Job:
+        return _Job(ChunkRef(f"{i:064x}", 100), 4096, urgent=urgent)
+
+    slots = _Slots(4, 2)
+    bg = [job(i, False) for i in range(3)]
+    await slots.acquire(bg[0])
+    await slots.acquire(bg[1])
+    bg_waits = asyncio.create_task(slots.acquire(bg[2]))
+    await asyncio.sleep(0)
+    assert not bg_waits.done() and slots.free == 2, "background leaves two slots to demand"
+    urgent = [job(10 + i, True) for i in range(3)]
+    await slots.acquire(urgent[0])
+    await slots.acquire(urgent[1])  # the reserved slots: at once, although background waits
+    late = asyncio.create_task(slots.acquire(urgent[2]))
+    await asyncio.sleep(0)
+    assert not late.done() and slots.free == 0
+    slots.release(bg[0])  # a slot frees: the demand fetch queued last gets it
+    await asyncio.sleep(0)
+    assert late.done() and not bg_waits.done()
+    slots.release(urgent[0])
+    await asyncio.wait_for(bg_waits, 1)

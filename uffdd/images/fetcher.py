@@ -119,11 +119,12 @@ class _Slots:
         self.bg_running += job.running_bg
 
     async def acquire(self, job: _Job) -> None:
-        if not self.waiting and self._can_start(job):
+        if self._can_start(job) and (job.urgent or not self.waiting):
             self._start(job)
             return
         job.wakeup = asyncio.get_running_loop().create_future()
         self.waiting.append(job)
+        self.wake()
         try:
             await job.wakeup
         except asyncio.CancelledError:
