@@ -36,6 +36,8 @@ from uffdd.testing.guestmem import make_guest_image  # noqa: E402
 from uffdd.testing.servers import MotoServer, NginxServer  # noqa: E402
 
 Get = Callable[[str], Awaitable[Any]]
+SIZES: dict[str, int] = {}
+"""Object sizes, known from the manifest as the image source knows them."""
 
 
 async def measure(get: Get, keys: list[str], total: int) -> tuple[float, float]:
@@ -63,6 +65,7 @@ async def http_clients(url: str, keys: list[str], total: int, rounds: int) -> di
 
     obs = ObjectStore(url)
     out: dict[str, list[tuple[float, float]]] = {"obstore": [], "aiohttp": [], "httpx": []}
+    sizes = SIZES
     async with aiohttp.ClientSession(base_url=url) as ah, httpx.AsyncClient(base_url=url) as hx:
         async def ah_get(k: str) -> bytes:
             async with ah.get(f"/{k}") as resp:
@@ -71,8 +74,8 @@ async def http_clients(url: str, keys: list[str], total: int, rounds: int) -> di
         async def hx_get(k: str) -> bytes:
             return (await hx.get(f"/{k}")).content
 
-        async def ob_get(k: str) -> Any:
-            return await obs.get(k, limit=1 << 30)
+        async def ob_get(k: str) -> Any:  # as the image source reads a chunk: one range of its known size
+            return await obs.get(k, size=sizes[k], limit=sizes[k])
         for _ in range(rounds):
             for name, get in (("obstore", ob_get), ("aiohttp", ah_get), ("httpx", hx_get)):
                 out[name].append(await measure(get, keys, total))
@@ -96,7 +99,7 @@ async def s3_clients(server: MotoServer, store: Path, keys: list[str], total: in
                 return data
 
         async def ob_get(k: str) -> Any:
-            return await obs.get(k, limit=1 << 30)
+            return await obs.get(k, size=SIZES[k], limit=SIZES[k])
         for _ in range(rounds):
             for name, get in (("obstore", ob_get), ("aiobotocore", bc_get)):
                 out[name].append(await measure(get, keys, total))
@@ -123,7 +126,8 @@ def main() -> int:
         asyncio.run(pack(str(work / "guest.mem"), str(work / "store"), PackOptions(name="guest")))
         manifest, _ = asyncio.run(load_manifest(str(work / "store" / "guest.json")))
         keys = sorted({chunk_key(r.name) for r in manifest.table if r})
-        total = sum((work / "store" / k).stat().st_size for k in keys)
+        SIZES.update({k: (work / "store" / k).stat().st_size for k in keys})
+        total = sum(SIZES.values())
         print(f"{len(keys)} chunk objects, {total / (1 << 20):.1f} MiB, {args.rounds} alternating rounds")
         nginx = NginxServer(work / "store", work / "nginx").start()
         try:
