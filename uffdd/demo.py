@@ -57,15 +57,20 @@ def _region_sizes(size: int, regions: int, page_size: int) -> list[int]:
     return sizes
 
 
+def _remote_source(opts: DemoOptions) -> PeerDemo | ImageDemo | None:
+    """The source side, when the snapshot is not read as a local file."""
+    if opts.peer:
+        return PeerDemo(cut_link=opts.cut_link, cut_seconds=opts.cut_seconds, deadline=opts.peer_deadline)
+    return ImageDemo(opts.page_size, opts.peer_deadline) if opts.image else None
+
+
 async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
     snap = work / "demo.mem"
     sock = work / "uffdd.sock"
     with console.status(f"writing a {opts.size >> 20} MiB snapshot image to {snap}"):
         await asyncio.to_thread(make_guest_image if opts.image else make_snapshot, snap, opts.size, seed=7,
                                 page_size=opts.page_size)
-    peer: PeerDemo | ImageDemo | None = PeerDemo(
-        cut_link=opts.cut_link, cut_seconds=opts.cut_seconds, deadline=opts.peer_deadline) if opts.peer else \
-        ImageDemo(opts.page_size, opts.peer_deadline) if opts.image else None
+    peer = _remote_source(opts)
     if peer is not None:
         await peer.start(snap, opts.size, console)
     source = peer.source_config() if peer is not None else {"kind": "file", "path": str(work / "{vm_id}.mem")}
