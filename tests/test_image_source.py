@@ -329,3 +329,23 @@ async def test_a_recorded_working_set_of_an_image_is_replayed_from_the_cache(
                                                   verify_only_touched=True)))
         await d.wait_idle()
         assert d.listener.ended_totals.pages_replay > 0
+
+
+@pytest.mark.parametrize("memory", ["hugetlbfs", "anonymous"])
+async def test_a_guest_on_huge_pages_or_private_memory_restores_from_an_image(
+        memory: str, nginx: NginxServer, store: Path, tmp_path: Path, snapshot_4k: Path,
+        hugepages: Any) -> None:
+    """A 2 MiB page spans 8 chunks (one fill gathers them); private memory is filled by
+    UFFDIO_COPY from the daemon's own buffer."""
+    mem = tmp_path / "huge.mem"
+    page_size = 2 * MIB if memory == "hugetlbfs" else 4096
+    if memory == "hugetlbfs":
+        hugepages(SIZE // page_size)
+    make_guest_image(mem, SIZE, seed=23, page_size=page_size)
+    await pack(str(mem), str(store), PackOptions(name="other", page_size=page_size))
+    cfg = make_config(tmp_path, snapshot_4k, session=PREFETCH, sources={
+        "image": image_source(f"{nginx.url}/other.json", tmp_path)})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        res = await d.run_vmm(**_image_vmm(mem, page_size=page_size, anonymous=memory == "anonymous"))
+    assert_exact(res)
+    assert chunk_gets(nginx)

@@ -58,7 +58,7 @@ class _Generator:
         self.seed = seed
         self.ps = page_size
         self.mix = mix
-        self.corpus = _corpus(self.rng)
+        self.corpus = _corpus(self.rng, max(1 << 20, 4 * page_size))
         pool_rng = random.Random(seed ^ 0x5EED)
         self.pool = [pool_rng.randbytes(page_size // 2) + bytes(page_size // 2) if k % 2 else
                      self.corpus[k * 97 : k * 97 + page_size] for k in range(128)]
@@ -116,6 +116,7 @@ def make_guest_image(path: str | os.PathLike[str], size: int, *, seed: int = 0, 
             n = min(BLOCK, size - done)
             buf = bytearray(n)
             gen.fill(buf, done // page_size)
+            assert len(buf) == n, "a run changed the buffer's length"
             fh.write(buf)
             done += n
 
@@ -131,7 +132,7 @@ def change_pages(src: str | os.PathLike[str], dst: str | os.PathLike[str], fract
     size = os.path.getsize(src)
     npages = size // page_size
     rng = random.Random(seed)
-    corpus = _corpus(rng)
+    corpus = _corpus(rng, max(1 << 20, 4 * page_size))
     want = int(npages * fraction)
     changed: set[int] = set()
     while len(changed) < want:
