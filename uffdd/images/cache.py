@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from uffdd.images.format import CHUNKS_DIR, digest
@@ -91,18 +92,8 @@ class ChunkCache:
 
     def read(self, name: str, plain_len: int) -> bytes | None:
         """The chunk's plain bytes if the cache holds a good copy; None otherwise."""
-        path = self.file(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self.stats.misses += 1
-            return None
-        try:
-            st = os.fstat(fd)
-            data = os.read(fd, plain_len + 1) if st.st_size == plain_len else b""
-        finally:
-            os.close(fd)
-        return data if self._checked(path, st, data, name, plain_len) else None
+        got = self._read(name, plain_len, lambda fd: os.read(fd, plain_len + 1))
+        return got if isinstance(got, bytes) else None
 
     def load(self, name: str, dest: memoryview, *, nowait: bool = False) -> bool:
         """Fill ``dest`` (exactly the chunk's length) from the cache and check the hash.
@@ -142,18 +133,24 @@ class ChunkCache:
         return dest.obj if into is None else into  # type: ignore[return-value]
 
     def _load(self, name: str, dest: memoryview) -> bool:
+        def into_dest(fd: int) -> object:
+            return dest if os.preadv(fd, [dest], 0) == len(dest) else b""
+        return self._read(name, len(dest), into_dest) is not None
+
+    def _read(self, name: str, plain_len: int, fetch: Callable[[int], object]) -> object | None:
+        """``fetch(fd)``'s result if it is the whole, good chunk ``name``; None otherwise."""
         path = self.file(name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             self.stats.misses += 1
-            return False
+            return None
         try:
             st = os.fstat(fd)
-            n = os.preadv(fd, [dest], 0) if st.st_size == len(dest) else -1
+            data = fetch(fd) if st.st_size == plain_len else b""
         finally:
             os.close(fd)
-        return self._checked(path, st, dest if n == len(dest) else b"", name, len(dest))
+        return data if self._checked(path, st, data, name, plain_len) else None
 
     def _checked(self, path: str, st: os.stat_result, data: object, name: str, plain_len: int) -> bool:
         """Whether ``data`` is the whole chunk ``name``; a bad copy is removed and counted."""
