@@ -1,15 +1,19 @@
 """The C part of the build; everything else is in pyproject.toml.
 
-uffdd/kernel/_fastpath.c is the single-page fault path in C. It is optional: without a C
-compiler the build goes on and the daemon serves the same faults in Python (`uffdd check`
-says which it has).
+Both extensions are optional: without a C compiler the build goes on, and `uffdd check` says
+what the daemon does instead.
+
+- uffdd/core/_fastpath.c: the fault loop's common case in C (without it: the same path in Python).
+- uffdd/kernel/_memguard.c: copies into guest memory that survive the memory file shrinking
+  (without it: the same copies through a pipe, twice the work).
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension(
-    "uffdd.kernel._fastpath",
-    sources=["uffdd/kernel/_fastpath.c"],
-    optional=True,
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-)])
+FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
+setup(ext_modules=[
+    Extension("uffdd.core._fastpath", sources=["uffdd/core/_fastpath.c"], optional=True, extra_compile_args=FLAGS),
+    Extension("uffdd.kernel._memguard", sources=["uffdd/kernel/_memguard.c"], optional=True,
+              extra_compile_args=FLAGS),
+])

@@ -28,10 +28,11 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from uffdd import logs, workingset  # noqa: E402
+from uffdd import logs  # noqa: E402
 from uffdd.cli import parse_size  # noqa: E402
 from uffdd.config import parse_config  # noqa: E402
 from uffdd.service.listener import Listener  # noqa: E402
+from uffdd.sources.file import record_path_for  # noqa: E402
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot  # noqa: E402
 
 HUGE = 2 << 20
@@ -92,7 +93,7 @@ async def bench_replay(work: Path, size: int, rounds: int) -> dict[str, Any]:
     snap.read_bytes()
     guest = {"region_sizes": [size], "touch_fraction": 0.1, "seed": 5, "threads": 4, "verify_only_touched": True}
     off = {"fault_around": 0, "prefetch": {"enabled": False}}
-    await asyncio.to_thread(Path(workingset.default_path(snap)).unlink, missing_ok=True)
+    await asyncio.to_thread(Path(record_path_for(snap)).unlink, missing_ok=True)
     await run_session(work, snap, guest, {**off, "record": True, "replay": False})
     without, with_ = [], []
     for _ in range(rounds):

@@ -24,8 +24,10 @@ import yaml
 
 from uffdd import logs
 from uffdd.config import Config, parse_config
+from uffdd.core import Session
 from uffdd.service.listener import Listener
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot
+from uffdd.testing.waiting import eventually
 
 HUGE = 2 << 20
 logs.configure("json", "warning")
@@ -81,6 +83,8 @@ class Daemon:
     socket: str
     snapshot: Path
     vmms: list[VmmProcess] = field(default_factory=list)
+    seen: dict[str, Session] = field(default_factory=dict)
+    """Every session started, kept after it ended (the listener tells on each change)."""
 
     def spec(self, **kw: Any) -> VmmSpec:
         base = VmmSpec(socket=self.socket, snapshot=str(self.snapshot), region_sizes=[8 << 20], threads=4,
@@ -95,6 +99,12 @@ class Daemon:
     async def run_vmm(self, timeout: float = 90, **kw: Any) -> dict[str, Any]:
         vmm = self.start_vmm(**kw)
         return await asyncio.to_thread(vmm.result, timeout)
+
+    async def session(self) -> Session:
+        """The first session this daemon started (live or ended), once there is one."""
+        found = await eventually(lambda: next(iter(self.seen.values()), None), what="a session started")
+        assert found is not None
+        return found
 
     async def wait_idle(self, timeout: float = 10) -> None:
         """Wait until every session has ended and been released."""
@@ -121,8 +131,9 @@ def make_config(tmp_path: Path, snapshot: Path, **extra: Any) -> Config:
 @contextlib.asynccontextmanager
 async def running_daemon(config: Config, snapshot: Path) -> AsyncIterator[Daemon]:
     listener = Listener(config)
-    await listener.start()
     d = Daemon(listener=listener, socket=config.listen, snapshot=snapshot)
+    listener.on_change = lambda: d.seen.update(listener.sessions)
+    await listener.start()
     try:
         yield d
     finally:

@@ -22,13 +22,13 @@ class FlakySource(PageSource):
     """A file source whose reads fail often and never take the inline path."""
 
     config_model: ClassVar[type[SourceConfig]] = FlakyConfig
-    calls = 0
-    failures = 0
-    rng = random.Random(5)
 
     def __init__(self, inner: FileSource, fail_every: int) -> None:
         self.inner = inner
         self.fail_every = fail_every
+        self.calls = 0
+        self.failures = 0
+        self.rng = random.Random(5)
 
     @classmethod
     async def open(cls, config: SourceConfig, *, vm_id: str) -> FlakySource:
@@ -41,10 +41,10 @@ class FlakySource(PageSource):
         return self.inner.size
 
     async def fill(self, offset: int, dest: memoryview) -> None:
-        FlakySource.calls += 1
+        self.calls += 1
         await asyncio.sleep(0)
-        if FlakySource.rng.randrange(self.fail_every) == 0:
-            FlakySource.failures += 1
+        if self.rng.randrange(self.fail_every) == 0:
+            self.failures += 1
             dest[: len(dest) // 2] = b"\xee" * (len(dest) // 2)  # a half-written page must never reach the guest
             raise SourceError(f"injected failure at {offset}")
         await self.inner.fill(offset, dest)

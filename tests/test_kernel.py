@@ -442,3 +442,16 @@ def test_ioctl_numbers_match_the_kernel_header() -> None:
     assert abi.UFFDIO_CONTINUE == 0xC020AA07
     assert abi.UFFDIO_POISON == 0xC020AA08
     assert abi.USERFAULTFD_IOC_NEW == 0xAA00
+
+
+def test_a_user_mode_only_uffd_fails_kernel_mode_faults_and_check_says_so() -> None:
+    """What a VMM that opened its userfaultfd with UFFD_USER_MODE_ONLY gets: KVM's accesses to
+    guest memory (kernel mode) fail with EFAULT instead of waiting for the daemon."""
+    from uffdd.check import run_checks
+
+    row = next(c for c in run_checks() if c.name == "KVM faults for unprivileged VMMs")
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as fh:
+        unprivileged = fh.read().strip() == "1"
+    assert row.ok is unprivileged and row.required is False
+    if not unprivileged:
+        assert "UFFD_USER_MODE_ONLY" in row.detail and "failed at once with Bad address" in row.detail

@@ -150,9 +150,9 @@ async def test_poisoned_page_raises_sigbus_in_the_guest_and_its_neighbours_are_f
 def test_partial_mremap_splits_the_region_and_reports_the_layout_a_successor_needs() -> None:
     import os
 
+    from uffdd.core import Session
     from uffdd.handshake import Handshake, RegionSpec
     from uffdd.kernel import Userfaultfd
-    from uffdd.session import Session
     from uffdd.sources.base import PageSource
 
     class NoSource(PageSource):
@@ -176,8 +176,8 @@ def test_partial_mremap_splits_the_region_and_reports_the_layout_a_successor_nee
         seen: list[Handshake] = []
         s.on_regions_changed = lambda sess: seen.append(sess.current_handshake())
         # The middle MiB moves elsewhere: three pieces, in page-state order, the middle one moved.
-        s._move(base + MIB, 0x7F1000000000, MIB)
+        s.events.move(base + MIB, 0x7F1000000000, MIB)
         assert seen == [Handshake("vm", "default", (
             RegionSpec(base, MIB, 0, 4096), RegionSpec(0x7F1000000000, MIB, MIB, 4096),
             RegionSpec(base + 2 * MIB, 2 * MIB, 2 * MIB, 4096)))]
-        assert s._find(0x7F1000000000 + 4096) is not None and s._find(base + MIB) is None
+        assert s.guest.regions.find(0x7F1000000000 + 4096) is not None and s.guest.regions.find(base + MIB) is None

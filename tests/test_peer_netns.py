@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import make_config, running_daemon
 from tests.netns import Link, unavailable_reason, veth_namespace
+from uffdd.core import Session
 from uffdd.peer.testing import ServeProcess
-from uffdd.session import Session
 from uffdd.sources.peer import PeerSource
 from uffdd.testing import make_snapshot
 

@@ -19,6 +19,7 @@ import pytest
 import structlog
 
 from tests.conftest import HUGE, Daemon, make_config, running_daemon
+from uffdd.core import Session
 from uffdd.errors import SourceError
 from uffdd.peer import protocol as p
 from uffdd.peer.client import ClientOptions, PeerClient
@@ -27,7 +28,6 @@ from uffdd.peer.relay import Relay
 from uffdd.peer.serve import VmmHandover
 from uffdd.peer.server import PeerServer, ServerOptions
 from uffdd.peer.testing import DataTamperer, JunkInjector, ServeProcess
-from uffdd.session import Session
 from uffdd.sources.peer import PeerSource
 
 MIB = 1 << 20

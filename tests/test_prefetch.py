@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -12,10 +13,10 @@ import structlog
 
 from tests.conftest import HUGE, Daemon, make_config, running_daemon
 from tests.test_session import assert_all_correct
-from uffdd import workingset
+from uffdd.core import workingset
 from uffdd.sources import BUILTIN_SOURCES
 from uffdd.sources.base import PageSource, SourceConfig
-from uffdd.sources.file import FileSource, FileSourceConfig
+from uffdd.sources.file import FileSource, FileSourceConfig, record_path_for
 
 MIB = 1 << 20
 PREFETCH_ON = {"fault_around": 0, "prefetch": {"enabled": True}}
@@ -69,10 +70,10 @@ class SlowPrefetchSource(PageSource):
     """Demand fills are fast; every background fill takes a long time."""
 
     config_model: ClassVar[type[SourceConfig]] = SlowPrefetchConfig
-    prefetch_calls = 0
 
     def __init__(self, inner: FileSource) -> None:
         self.inner = inner
+        self.prefetch_calls = 0
 
     @classmethod
     async def open(cls, config: SourceConfig, *, vm_id: str) -> SlowPrefetchSource:
@@ -87,7 +88,7 @@ class SlowPrefetchSource(PageSource):
         await self.inner.fill(offset, dest)
 
     async def prefetch(self, offset: int, dest: memoryview) -> None:
-        SlowPrefetchSource.prefetch_calls += 1
+        self.prefetch_calls += 1
         await asyncio.sleep(0.5)
         await self.inner.fill(offset, dest)
 
@@ -103,14 +104,15 @@ async def test_demand_faults_are_served_ahead_of_queued_background_work(
                                                                 "max_inflight": 256 * 1024}})
     async with running_daemon(cfg, snapshot_4k) as d:
         # 4096 pages; background work at 4 chunks of 16 pages per 0.5 s would need ~30 s.
-        res = await d.run_vmm(region_sizes=[16 * MIB], threads=4, timeout=20)
+        vmm = d.start_vmm(region_sizes=[16 * MIB], threads=4, timeout=20)
+        session = await d.session()
+        res: dict[str, Any] = await asyncio.to_thread(vmm.result, 30)
         assert_all_correct(res)
         assert res["elapsed_s"] < 10
-        s = next(iter(d.listener.sessions.values()), None)
         await d.wait_idle()
         t = d.listener.ended_totals
-        assert SlowPrefetchSource.prefetch_calls > 0
-        assert t.pages_demand > 3000 and t.pages_prefetch < 1000, (s, t)
+        assert isinstance(session.source, SlowPrefetchSource) and session.source.prefetch_calls > 0
+        assert t.pages_demand > 3000 and t.pages_prefetch < 1000, t
 
 
 async def test_recorded_working_set_is_replayed_and_cuts_faults(tmp_path: Path, snapshot_4k: Path) -> None:
@@ -123,7 +125,7 @@ async def test_recorded_working_set_is_replayed_and_cuts_faults(tmp_path: Path, 
         assert_all_correct(await d.run_vmm(**workload))
         await d.wait_idle()
         faults_recording = d.listener.ended_totals.fault_msgs
-    record = workingset.default_path(snap)
+    record = record_path_for(snap)
     pages = workingset.parse(Path(record).read_bytes(), source_size=snap.stat().st_size, page_size=4096)
     assert len(pages) == faults_recording == int(4096 * 0.1)
 
@@ -148,7 +150,7 @@ async def test_corrupt_or_stale_record_is_ignored_with_a_warning(
     bad = {"garbage": b"\x00not a record at all",
            "stale-size": workingset.encode([1, 2, 3], source_size=snap.stat().st_size * 2, page_size=4096),
            "truncated": good[:-2]}[damage]
-    Path(workingset.default_path(snap)).write_bytes(bad)
+    Path(record_path_for(snap)).write_bytes(bad)
     cfg = make_config(tmp_path, snap, session=session_cfg(replay=True))
     with structlog.testing.capture_logs() as logs:
         async with running_daemon(cfg, snap) as d:
@@ -163,12 +165,12 @@ async def test_prefetch_rate_limit_holds_background_bandwidth(tmp_path: Path, sn
     cfg = make_config(tmp_path, snapshot_4k, session={"fault_around": 0, "prefetch": {
         "enabled": True, "chunk": 256 * 1024, "rate": 8.0}})
     async with running_daemon(cfg, snapshot_4k) as d:
-        vmm = d.start_vmm(region_sizes=[16 * MIB], touch_fraction=0, wait_complete=30)
-        await asyncio.sleep(1.0)
-        s = next(iter(d.listener.sessions.values()))
-        assert 4 * MIB <= s.stats.bytes_filled <= 12 * MIB  # ~8 MiB after 1 s at 8 MiB/s
-        res = await asyncio.to_thread(vmm.result, 30)
+        res = await d.run_vmm(region_sizes=[16 * MIB], touch_fraction=0, wait_complete=30)
         assert_all_correct(res)
+        assert [e["event"] for e in res["events"]] == ["complete"]
+        await d.wait_idle()
+        # 16 MiB at 8 MiB/s, in 256 KiB chunks claimed once they fit the limit: about 2 s.
+        assert 1.7 <= d.listener.ended_totals.complete_s <= 6
 
 
 async def test_defaults_restore_a_guest_with_demand_fault_around_and_prefetch_together(daemon: Daemon,
@@ -182,3 +184,39 @@ async def test_defaults_restore_a_guest_with_demand_fault_around_and_prefetch_to
         await d.wait_idle()
         t = d.listener.ended_totals
         assert t.pages_demand + t.pages_fault_around + t.pages_prefetch == t.pages_filled == 6144
+
+
+class JoinCheckConfig(FileSourceConfig):
+    kind: Literal["joincheck"] = "joincheck"  # type: ignore[assignment]
+
+
+class JoinCheckSource(FileSource):
+    """A file source that notes, when it is closed, which of its session's copy threads live."""
+
+    config_model: ClassVar[type[SourceConfig]] = JoinCheckConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.copy_threads_at_close: list[str] | None = None
+
+    async def aclose(self) -> None:
+        self.copy_threads_at_close = [t.name for t in threading.enumerate() if t.name.startswith("uffdd-prefetch-")]
+        await super().aclose()
+
+
+async def test_copy_threads_are_joined_before_the_source_is_closed(
+        tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread still copying after close could preadv a closed (or reused) fd number into guest memory."""
+    monkeypatch.setitem(BUILTIN_SOURCES, "joincheck", "tests.test_prefetch:JoinCheckSource")
+    cfg = make_config(tmp_path, snapshot_4k, sources={"default": {"kind": "joincheck", "path": str(snapshot_4k)}},
+                      session=PREFETCH_ON)
+    async with running_daemon(cfg, snapshot_4k) as d:
+        vmm = d.start_vmm(region_sizes=[16 * MIB], touch_fraction=0, wait_complete=30)
+        session = await d.session()
+        res = await asyncio.to_thread(vmm.result, 30)
+        assert_all_correct(res)
+        await d.wait_idle()
+    source = session.source
+    assert isinstance(source, JoinCheckSource)
+    assert session.stats.pages_prefetch > 0  # the copy threads did run
+    assert source.copy_threads_at_close == []

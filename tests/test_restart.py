@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.supervisor import Supervisor
-from uffdd.pagestate import FILLED
+from uffdd.core import FILLED
 from uffdd.testing import VmmProcess, VmmSpec
 
 MIB = 1 << 20

@@ -35,7 +35,7 @@ def test_daemon_built_without_the_c_fast_path_serves_every_page_in_python(
         "import sys\n"
         "class _NoFastPath:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'uffdd.kernel._fastpath':\n"
+        "        if name == 'uffdd.core._fastpath':\n"
         "            raise ImportError('not built')\n"
         "sys.meta_path.insert(0, _NoFastPath())\n")
     env = {"PYTHONPATH": str(blocker)}
@@ -48,7 +48,7 @@ def test_daemon_built_without_the_c_fast_path_serves_every_page_in_python(
     assert res["wrong_pages"] == 0 and res["returncode"] == 0
     assert d.stop(signal.SIGTERM) == 0
     start = next(e for e in d.log_lines() if e["event"] == "session_start")
-    assert start["native"] is False
+    assert start["fault_path"] == "python"
     end = next(e for e in d.log_lines() if e["event"] == "session_end")
     assert end["pages_filled"] == end["pages_total"] == 1024 and end["fills_inline"] > 0
 

@@ -164,4 +164,4 @@ def test_the_wheel_the_image_installs_carries_the_c_fast_path(tmp_path: Path) ->
     (wheel,) = (tmp_path / "wheels").glob("uffdd-*.whl")
     out = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], check=True, capture_output=True,
                          text=True).stdout
-    assert re.search(r"uffdd/kernel/_fastpath\.cpython-[^ ]+\.so", out), out
+    assert re.search(r"uffdd/core/_fastpath\.cpython-[^ ]+\.so", out), out

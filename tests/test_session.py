@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import FAULT_PATHS, HUGE, Daemon, core_session, make_config, running_daemon
 from tests.flaky import FlakySource
 from uffdd.sources import BUILTIN_SOURCES
+from uffdd.testing.waiting import eventually
 
 MIB = 1 << 20
 
@@ -125,18 +126,15 @@ def _memfd_mappings() -> int:
 
 @pytest.mark.parametrize("how", ["disconnect", "sigkill"])
 async def test_vmm_gone_mid_run_ends_session_and_releases_fds_and_mappings(daemon: Daemon, how: str) -> None:
-    await asyncio.sleep(0.1)
     fds_before = _daemon_fds()
-    maps_before = _memfd_mappings()
+    assert _memfd_mappings() == 0  # nothing left from earlier tests
     if how == "disconnect":
         res = await daemon.run_vmm(region_sizes=[16 * MIB], threads=2, disconnect_after=200)
         assert res["returncode"] == 0
     else:
         vmm = daemon.start_vmm(region_sizes=[16 * MIB], threads=2, prepopulate=0.0)
-        for _ in range(500):
-            if any(s.stats.pages_filled > 100 for s in daemon.listener.sessions.values()):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: any(s.stats.pages_filled > 100 for s in daemon.listener.sessions.values()),
+                         what="the guest is being restored")
         vmm.kill()
     await daemon.wait_idle()
     assert daemon.listener.sessions_total == 1
@@ -155,7 +153,7 @@ async def test_vmm_gone_mid_run_ends_session_and_releases_fds_and_mappings(daemo
 
     leaked = {fd: t for fd, t in session_fds().items() if fd not in fds_before}
     assert not leaked
-    assert _memfd_mappings() == maps_before == 0
+    assert _memfd_mappings() == 0
     # ... and the daemon carries on serving.
     assert_all_correct(await daemon.run_vmm(region_sizes=[1 * MIB]))
 
@@ -244,15 +242,16 @@ async def test_silent_client_is_refused_after_the_handshake_timeout(daemon: Daem
 async def test_source_failures_are_retried_and_never_reach_the_guest(
         tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(BUILTIN_SOURCES, "flaky", "tests.flaky:FlakySource")
-    FlakySource.failures = 0
     cfg = make_config(tmp_path, snapshot_4k,
                       sources={"default": {"kind": "flaky", "path": str(snapshot_4k), "fail_every": 3}})
     async with running_daemon(cfg, snapshot_4k) as d:
-        res = await d.run_vmm(region_sizes=[2 * MIB], threads=4)
-        assert_all_correct(res)
+        vmm = d.start_vmm(region_sizes=[2 * MIB], threads=4)
+        session = await d.session()
+        assert_all_correct(await asyncio.to_thread(vmm.result, 90))
         await d.wait_idle()
-        assert FlakySource.failures > 100
-        assert d.listener.ended_totals.source_errors == FlakySource.failures
+        source = session.source
+        assert isinstance(source, FlakySource) and source.failures > 100
+        assert d.listener.ended_totals.source_errors == source.failures
 
 
 @pytest.mark.parametrize("fault_path", FAULT_PATHS)
@@ -265,18 +264,11 @@ async def test_snapshot_truncated_mid_run_makes_faults_wait_not_read_zeros(
     cfg = make_config(tmp_path, snap, session=core_session(fault_path))
     async with running_daemon(cfg, snap) as d:
         vmm = d.start_vmm(region_sizes=[4 * MIB], threads=2, start_delay=1.0)
-        for _ in range(500):
-            if d.listener.sessions:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: d.listener.sessions, what="the handshake was accepted")
         os.truncate(snap, 2 * MIB)  # after validation: the handshake saw a whole snapshot
-        errs = 0
-        for _ in range(500):
-            errs = sum(s.stats.source_errors for s in d.listener.sessions.values())
-            if errs >= 2:
-                break
-            await asyncio.sleep(0.01)
-        assert errs >= 2  # faults in the lost half are failing and waiting, not answered
+        # Faults in the lost half are failing and waiting, not answered.
+        await eventually(lambda: sum(s.stats.source_errors for s in d.listener.sessions.values()) >= 2,
+                         what="fills of the lost half fail and wait")
         with open(snap, "r+b") as fh:
             fh.seek(2 * MIB)
             fh.write(data[2 * MIB :])
@@ -325,17 +317,15 @@ async def test_snapshot_pages_evicted_from_page_cache_get_exact_bytes(
 @pytest.mark.parametrize("native", [True, False], ids=["native-on", "native-off"])
 async def test_session_uses_the_c_fast_path_unless_configured_off(
         tmp_path: Path, snapshot_4k: Path, native: bool) -> None:
-    from uffdd.kernel import _fastpath  # noqa: F401 - ./scripts/test builds it; its absence is a failure here
+    from uffdd.core import _fastpath  # noqa: F401 - ./scripts/test builds it; its absence is a failure here
 
     cfg = make_config(tmp_path, snapshot_4k, session={"fault_around": 0, "native": native})
     async with running_daemon(cfg, snapshot_4k) as d:
         vmm = d.start_vmm(region_sizes=[16 * MIB], threads=2, start_delay=1.0)
-        for _ in range(500):
-            if any(s._loop is not None for s in d.listener.sessions.values()):
-                break  # started: the fault path is chosen
-            await asyncio.sleep(0.01)
+        await eventually(lambda: any(s.started for s in d.listener.sessions.values()),
+                         what="the session started (its fault path is chosen)")
         (session,) = d.listener.sessions.values()
-        assert (session._native is not None) is native
+        assert session.fault_path == ("c" if native else "python")
         res = await asyncio.to_thread(vmm.result, 60)
         assert_all_correct(res)
         await d.wait_idle()

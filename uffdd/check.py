@@ -87,15 +87,65 @@ def _try_register(kind: str) -> Check:
             os.close(fd)
 
 
+def _memguard() -> Check:
+    from uffdd.kernel.memory import MEMGUARD
+
+    if MEMGUARD != "built":
+        return Check("guarded copies", False, "not built: copies into guest memory go through a pipe (twice the "
+                     "work); reinstall with a C compiler present", required=False)
+    return Check("guarded copies", True, "built: a VMM that shrinks its memory file ends its own session, "
+                 "never the daemon", required=False)
+
+
 def _fast_path() -> Check:
-    try:
-        import uffdd.kernel._fastpath  # noqa: F401
-    except ImportError as exc:
-        return Check("C fast path", False, f"not built ({exc}): single-page faults are served by the same path in "
-                     "Python (15-30% fewer faults/s in scripts/bench_faults.py); reinstall with a C "
-                     "compiler present", required=False)
-    return Check("C fast path", True, "built: single-page faults from a file source are served in C",
+    from uffdd.core.native import STATUS, native_available
+
+    if not native_available():
+        return Check("C fast path", False, f"{STATUS}: faults are served by the same path in Python (fewer "
+                     "faults/s, see scripts/bench_faults.py); reinstall with a C compiler present", required=False)
+    return Check("C fast path", True, "built: demand faults (with fault-around) from a file source are served in C",
                  required=False)
+
+
+def _user_mode_only_refuses_kernel_faults() -> str:
+    """Show, on a real user-mode-only userfaultfd, what a VMM opening one gets: a kernel-mode
+    access (as KVM's) to a registered page fails at once instead of waiting for the handler."""
+    fd = os.memfd_create("uffdd-check", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, mmap.PAGESIZE)
+        with mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm, \
+                Userfaultfd.open(user_mode_only=True) as u, open("/dev/zero", "rb", buffering=0) as zero:
+            u.api(abi.FEATURE_MINOR_SHMEM)
+            u.register(ctypes.addressof(ctypes.c_char.from_buffer(mm)), mmap.PAGESIZE,
+                       abi.REGISTER_MODE_MISSING | abi.REGISTER_MODE_MINOR)
+            try:
+                os.readv(zero.fileno(), [mm])  # the kernel writes into the page: a kernel-mode fault
+            except OSError as exc:
+                return f"a kernel-mode access to a registered page failed at once with {exc.strerror}"
+            return "a kernel-mode access to a registered page did not fail"
+    except OSError as exc:
+        return f"not shown ({exc.strerror})"
+    finally:
+        os.close(fd)
+
+
+def _unprivileged_vmms() -> Check:
+    """Whether a VMM without privileges can open a userfaultfd that serves KVM's faults."""
+    sysctl = _read("/proc/sys/vm/unprivileged_userfaultfd")
+    try:
+        st = os.stat("/dev/userfaultfd")
+        device = f"/dev/userfaultfd (mode {st.st_mode & 0o777:o}, uid {st.st_uid}, gid {st.st_gid}) gives full " \
+                 "ones to who may open it read/write"
+    except OSError:
+        device = "/dev/userfaultfd is missing"
+    if sysctl == "1":
+        return Check("KVM faults for unprivileged VMMs", True, "vm.unprivileged_userfaultfd=1: userfaultfd(2) "
+                     f"gives any VMM userfaultfds that serve KVM's faults; {device}", required=False)
+    return Check(
+        "KVM faults for unprivileged VMMs", False,
+        f"vm.unprivileged_userfaultfd={sysctl}: userfaultfd(2) gives a VMM without CAP_SYS_PTRACE only "
+        "UFFD_USER_MODE_ONLY userfaultfds, whose KVM faults fail with EFAULT (uffdd cannot tell them apart; "
+        f"{_user_mode_only_refuses_kernel_faults()}); {device}", required=False)
 
 
 def run_checks() -> list[Check]:
@@ -108,6 +158,8 @@ def run_checks() -> list[Check]:
         + ("" if priv else " (faults raised by KVM from kernel mode need CAP_SYS_PTRACE or the sysctl)"),
         required=False))
     checks.append(_fast_path())
+    checks.append(_memguard())
+    checks.append(_unprivileged_vmms())
     opened = False
     vias: tuple[Literal["syscall", "device"], ...] = ("syscall", "device")
     for via in vias:

@@ -8,6 +8,7 @@
     │   ├── SourceShortRead    it ended before the page did (never zero-filled)
     │   └── PagePoisoned       the source holds a memory error there (installed as poison)
     └── SessionError           a session cannot go on (its guest or userfaultfd is gone)
+        └── GuestMemoryGone    the guest's memory file no longer covers what must be filled
 
 Kernel refusals are :class:`uffdd.kernel.KernelError` (an ``OSError``) and its subclasses.
 """
@@ -54,3 +55,13 @@ class PagePoisoned(SourceError):
 
 class SessionError(UffddError):
     """The session cannot continue."""
+
+
+class GuestMemoryGone(SessionError):
+    """A copy into guest memory failed because the memory file no longer covers it (the VMM
+    shrank it, e.g. with ftruncate). That session ends with this error; nothing else is touched."""
+
+    @classmethod
+    def at(cls, offset: int, length: int) -> GuestMemoryGone:
+        return cls(f"the guest's memory file no longer covers {offset:#x}+{length:#x} (shrunk by the VMM?): "
+                   "the session cannot fill it and ends")

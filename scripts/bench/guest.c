@@ -9,12 +9,14 @@
  *
  * Build:  gcc -O2 -Wall -Wextra -pthread -o build/guest guest.c   (or: make)
  * Usage:  guest --socket PATH --snapshot FILE --size BYTES --threads N
- *               [--page-size 4096|2097152] [--seed S] [--bare]
+ *               [--page-size 4096|2097152] [--seed S] [--bare] [--idle]
  *   --bare  hand over a userfaultfd without UFFDIO_API/REGISTER; the handler must do both.
+ *   --idle  touch nothing: wait for the handler's {"event":"complete"} line (every page installed
+ *           in the background), then check every page. elapsed_s is then ready -> complete.
  *
  * Output: one JSON line on stdout
- *   {"pages":P,"threads":N,"elapsed_s":T,"faults_per_s":F,"p50_us":..,"p99_us":..,"wrong_pages":W,
- *    "first_touch_ns":A,"last_touch_ns":B}
+ *   {"pages":P,"threads":N,"elapsed_s":T,"faults_per_s":F,"p50_us":..,"p99_us":..,"max_us":..,
+ *    "wrong_pages":W,"first_touch_ns":A,"last_touch_ns":B}
  *   (A and B are CLOCK_MONOTONIC, the same clock in every process: concurrent guests' touching
  *   phases can be lined up.)
  * Exit status: 0 if every page matches the snapshot, 1 if some do not, 2 on any other failure.
@@ -209,6 +211,34 @@ static void wait_ready(int sock)
 		fprintf(stderr, "guest: unexpected first line from handler (continuing): %s\n", line);
 }
 
+/* --idle: read the handler's lines until the one that says every page is in place. */
+static void wait_complete(int sock)
+{
+	char line[4096];
+	size_t len = 0;
+
+	for (;;) {
+		ssize_t n = read(sock, line + len, sizeof(line) - 1 - len);
+		char *nl;
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			fail("handler hung up before the guest was complete");
+		len += (size_t)n;
+		line[len] = '\0';
+		while ((nl = strchr(line, '\n'))) {
+			*nl = '\0';
+			if (strstr(line, "\"complete\""))
+				return;
+			len -= (size_t)(nl + 1 - line);
+			memmove(line, nl + 1, len + 1);
+		}
+		if (len == sizeof(line) - 1)
+			len = 0;
+	}
+}
+
 struct watchdog {
 	pthread_t tid;
 	int sock, stop_rd;
@@ -249,7 +279,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: guest --socket PATH --snapshot FILE --size BYTES --threads N\n"
-		"             [--page-size 4096|2097152] [--seed S] [--bare]\n");
+		"             [--page-size 4096|2097152] [--seed S] [--bare] [--idle]\n");
 	exit(2);
 }
 
@@ -263,12 +293,13 @@ int main(int argc, char **argv)
 		{ "page-size", required_argument, NULL, 'p' },
 		{ "seed", required_argument, NULL, 'r' },
 		{ "bare", no_argument, NULL, 'b' },
+		{ "idle", no_argument, NULL, 'i' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *sock_path = NULL, *snap_path = NULL;
 	size_t size = 0, page_size = 4096, nthreads = 0;
 	uint64_t seed = 1;
-	int bare = 0, opt;
+	int bare = 0, idle = 0, opt;
 
 	while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (opt) {
@@ -279,6 +310,7 @@ int main(int argc, char **argv)
 		case 'p': page_size = strtoull(optarg, NULL, 0); break;
 		case 'r': seed = strtoull(optarg, NULL, 0); break;
 		case 'b': bare = 1; break;
+		case 'i': idle = 1; break;
 		default: usage();
 		}
 	}
@@ -357,52 +389,58 @@ int main(int argc, char **argv)
 	}
 
 	struct worker *workers = calloc(nthreads, sizeof(*workers));
-	uint64_t *lat = malloc(npages * sizeof(*lat));
-	pthread_barrier_t start;
+	uint64_t *lat = calloc(npages, sizeof(*lat));
+	uint64_t t_first = UINT64_MAX, t_last = 0;
 	if (!workers || !lat)
 		fail("out of memory");
-	struct watchdog wd = { .sock = sock };
-	int stop[2];
-	if (pipe2(stop, O_CLOEXEC) < 0)
-		die("pipe");
-	wd.stop_rd = stop[0];
-	errno = pthread_create(&wd.tid, NULL, watchdog_main, &wd);
-	if (errno)
-		die("pthread_create");
-
-	pthread_barrier_init(&start, NULL, (unsigned int)nthreads);
-	/* Thread t takes permutation entries t, t+N, t+2N...; latencies go to a private slice. */
-	size_t lat_off = 0;
-	for (size_t t = 0; t < nthreads; t++) {
-		struct worker *w = &workers[t];
-
-		w->start = &start;
-		w->mem = mem;
-		w->page_size = page_size;
-		w->pages = pages;
-		w->first = t;
-		w->stride = nthreads;
-		w->count = (npages - t + nthreads - 1) / nthreads;
-		w->lat_ns = lat + lat_off;
-		lat_off += w->count;
-		errno = pthread_create(&w->tid, NULL, worker_main, w);
+	if (idle) {
+		t_first = now_ns();
+		wait_complete(sock);
+		t_last = now_ns();
+	} else {
+		pthread_barrier_t start;
+		struct watchdog wd = { .sock = sock };
+		int stop[2];
+		if (pipe2(stop, O_CLOEXEC) < 0)
+			die("pipe");
+		wd.stop_rd = stop[0];
+		errno = pthread_create(&wd.tid, NULL, watchdog_main, &wd);
 		if (errno)
 			die("pthread_create");
+
+		pthread_barrier_init(&start, NULL, (unsigned int)nthreads);
+		/* Thread t takes permutation entries t, t+N, t+2N...; latencies go to a private slice. */
+		size_t lat_off = 0;
+		for (size_t t = 0; t < nthreads; t++) {
+			struct worker *w = &workers[t];
+
+			w->start = &start;
+			w->mem = mem;
+			w->page_size = page_size;
+			w->pages = pages;
+			w->first = t;
+			w->stride = nthreads;
+			w->count = (npages - t + nthreads - 1) / nthreads;
+			w->lat_ns = lat + lat_off;
+			lat_off += w->count;
+			errno = pthread_create(&w->tid, NULL, worker_main, w);
+			if (errno)
+				die("pthread_create");
+		}
+		for (size_t t = 0; t < nthreads; t++) {
+			pthread_join(workers[t].tid, NULL);
+			if (workers[t].t_start < t_first)
+				t_first = workers[t].t_start;
+			if (workers[t].t_end > t_last)
+				t_last = workers[t].t_end;
+		}
+		pthread_barrier_destroy(&start);
+		if (write(stop[1], "", 1) != 1)
+			die("write");
+		pthread_join(wd.tid, NULL);
+		close(stop[0]);
+		close(stop[1]);
 	}
-	uint64_t t_first = UINT64_MAX, t_last = 0;
-	for (size_t t = 0; t < nthreads; t++) {
-		pthread_join(workers[t].tid, NULL);
-		if (workers[t].t_start < t_first)
-			t_first = workers[t].t_start;
-		if (workers[t].t_end > t_last)
-			t_last = workers[t].t_end;
-	}
-	pthread_barrier_destroy(&start);
-	if (write(stop[1], "", 1) != 1)
-		die("write");
-	pthread_join(wd.tid, NULL);
-	close(stop[0]);
-	close(stop[1]);
 	double elapsed = (double)(t_last - t_first) / 1e9;
 
 	/* Every page is mapped by now, so this reads guest memory without faulting. */
@@ -432,10 +470,11 @@ int main(int argc, char **argv)
 
 	qsort(lat, npages, sizeof(*lat), cmp_u64);
 	printf("{\"pages\":%zu,\"threads\":%zu,\"elapsed_s\":%.6f,\"faults_per_s\":%.1f,"
-	       "\"p50_us\":%.2f,\"p99_us\":%.2f,\"wrong_pages\":%zu,"
+	       "\"p50_us\":%.2f,\"p99_us\":%.2f,\"max_us\":%.2f,\"wrong_pages\":%zu,"
 	       "\"first_touch_ns\":%" PRIu64 ",\"last_touch_ns\":%" PRIu64 "}\n",
-	       npages, nthreads, elapsed, elapsed > 0 ? (double)npages / elapsed : 0.0,
-	       percentile_us(lat, npages, 50), percentile_us(lat, npages, 99), wrong, t_first, t_last);
+	       npages, idle ? 0 : nthreads, elapsed, elapsed > 0 ? (double)npages / elapsed : 0.0,
+	       percentile_us(lat, npages, 50), percentile_us(lat, npages, 99), (double)lat[npages - 1] / 1000.0,
+	       wrong, t_first, t_last);
 	fflush(stdout);
 
 	/* Closing the connection is the end-of-session signal for the handler. */

@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -24,11 +25,7 @@ from uffdd.kernel.errors import (
     classify,
 )
 
-# Bound once: the fault path calls these per fault, and module attribute lookups add up.
-_pack_continue = abi.CONTINUE_STRUCT.pack_into
 _ioctl = fcntl.ioctl
-_UFFDIO_CONTINUE = abi.UFFDIO_CONTINUE
-_CONTINUE_DONTWAKE = abi.CONTINUE_MODE_DONTWAKE
 _readv = os.readv
 
 MAX_BATCH = 64
@@ -205,47 +202,38 @@ class Userfaultfd:
         except OSError as exc:
             raise classify("UFFDIO_UNREGISTER", exc.errno or errno.EIO) from None
 
-    # --- resolving faults (hot path) -----------------------------------------------------
+    # --- resolving faults ---------------------------------------------------------------
+    def _range_op(self, name: str, code: int, layout: struct.Struct, *fields: int) -> int:
+        """One range ioctl whose struct ends with the kernel's result (bytes done, or -errno);
+        a refusal raises the classified KernelError carrying the bytes done before it."""
+        buf = self._buf
+        layout.pack_into(buf, 0, *fields, 0)
+        try:
+            _ioctl(self._fd, code, buf, True)
+        except OSError as exc:
+            done = layout.unpack_from(buf)[-1]
+            raise classify(name, exc.errno or errno.EIO, max(done, 0)) from None
+        return int(layout.unpack_from(buf)[-1])
+
     def continue_(self, start: int, length: int, dontwake: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages of the range; returns bytes mapped."""
-        buf = self._buf
-        _pack_continue(buf, 0, start, length, _CONTINUE_DONTWAKE if dontwake else 0, 0)
-        try:
-            _ioctl(self._fd, _UFFDIO_CONTINUE, buf, True)
-        except OSError as exc:
-            done = abi.CONTINUE_STRUCT.unpack_from(buf)[3]
-            raise classify("UFFDIO_CONTINUE", exc.errno or errno.EIO, max(done, 0)) from None
-        return length  # on success the kernel mapped the whole range
+        return self._range_op("UFFDIO_CONTINUE", abi.UFFDIO_CONTINUE, abi.CONTINUE_STRUCT, start, length,
+                              abi.CONTINUE_MODE_DONTWAKE if dontwake else 0)
 
     def copy(self, dst: int, src: int, length: int, dontwake: bool = False) -> int:
         """UFFDIO_COPY: allocate pages at ``dst`` filled from our address ``src``."""
-        buf = self._buf
-        abi.COPY_STRUCT.pack_into(buf, 0, dst, src, length, abi.COPY_MODE_DONTWAKE if dontwake else 0, 0)
-        try:
-            fcntl.ioctl(self._fd, abi.UFFDIO_COPY, buf, True)
-        except OSError as exc:
-            done = abi.COPY_STRUCT.unpack_from(buf)[4]
-            raise classify("UFFDIO_COPY", exc.errno or errno.EIO, max(done, 0)) from None
-        return int(abi.COPY_STRUCT.unpack_from(buf)[4])
+        return self._range_op("UFFDIO_COPY", abi.UFFDIO_COPY, abi.COPY_STRUCT, dst, src, length,
+                              abi.COPY_MODE_DONTWAKE if dontwake else 0)
 
     def zeropage(self, start: int, length: int, dontwake: bool = False) -> int:
-        buf = self._buf
-        abi.ZEROPAGE_STRUCT.pack_into(buf, 0, start, length, abi.ZEROPAGE_MODE_DONTWAKE if dontwake else 0, 0)
-        try:
-            fcntl.ioctl(self._fd, abi.UFFDIO_ZEROPAGE, buf, True)
-        except OSError as exc:
-            done = abi.ZEROPAGE_STRUCT.unpack_from(buf)[3]
-            raise classify("UFFDIO_ZEROPAGE", exc.errno or errno.EIO, max(done, 0)) from None
-        return int(abi.ZEROPAGE_STRUCT.unpack_from(buf)[3])
+        """UFFDIO_ZEROPAGE: map zero pages (not on hugetlbfs)."""
+        return self._range_op("UFFDIO_ZEROPAGE", abi.UFFDIO_ZEROPAGE, abi.ZEROPAGE_STRUCT, start, length,
+                              abi.ZEROPAGE_MODE_DONTWAKE if dontwake else 0)
 
     def poison(self, start: int, length: int, dontwake: bool = False) -> int:
-        buf = self._buf
-        abi.POISON_STRUCT.pack_into(buf, 0, start, length, abi.POISON_MODE_DONTWAKE if dontwake else 0, 0)
-        try:
-            fcntl.ioctl(self._fd, abi.UFFDIO_POISON, buf, True)
-        except OSError as exc:
-            raise classify("UFFDIO_POISON", exc.errno or errno.EIO) from None
-        return int(abi.POISON_STRUCT.unpack_from(buf)[3])
+        """UFFDIO_POISON: the guest takes a SIGBUS on these pages (a memory error at the source)."""
+        return self._range_op("UFFDIO_POISON", abi.UFFDIO_POISON, abi.POISON_STRUCT, start, length,
+                              abi.POISON_MODE_DONTWAKE if dontwake else 0)
 
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE: wake threads waiting on the range so they retry their access."""

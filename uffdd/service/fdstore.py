@@ -4,7 +4,7 @@ Each session stores five descriptors, one ``FDSTORE=1`` message each, named ``<s
 
 - ``uffd``: the userfaultfd (while the store holds it, the guest's registration outlives us);
 - ``mem``: the guest memory file;
-- ``state``: the page-state memfd (uffdd.pagestate), the record of which pages are in place;
+- ``state``: the page-state memfd (uffdd.core.pagestate), the record of which pages are in place;
 - ``conn``: the VMM's connection, so the successor still sees its EOF (stored with polling on:
   the manager drops it by itself when the VMM hangs up while no daemon runs);
 - ``desc``: a small memfd with this record (handshake, flags) as JSON, stored last: a session

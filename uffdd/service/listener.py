@@ -19,12 +19,11 @@ import structlog
 from uffdd import ancillary
 from uffdd import handshake as hs_mod
 from uffdd.config import Config
+from uffdd.core import PageStates, Session, SessionStats
 from uffdd.errors import HandshakeError, SourceError, UffddError
 from uffdd.kernel import Userfaultfd
-from uffdd.pagestate import PageStates
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
 from uffdd.service.metrics import Totals
-from uffdd.session import Session, SessionStats
 from uffdd.sources import PageSource, source_class
 from uffdd.unixsock import bind_unix
 

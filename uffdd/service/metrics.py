@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from uffdd.pagestate import FILLING
-from uffdd.session import SessionStats
+from uffdd.core import FILLING, SessionStats
 
 if TYPE_CHECKING:
+    from uffdd.core import Session
     from uffdd.service.listener import Listener
-    from uffdd.session import Session
 
 _COUNTERS = {
     "fault_msgs": ("uffdd_faults", "Page-fault messages read from userfaultfds"),

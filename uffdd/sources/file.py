@@ -16,7 +16,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Literal
 
-from uffdd import workingset
 from uffdd.errors import PagePoisoned, SourceError, SourceShortRead, SourceUnavailable
 from uffdd.sources.base import PageSource, SourceConfig
 
@@ -135,7 +134,7 @@ class FileSource(PageSource):
         return None if self._poison or self._nowait is None or self._fd < 0 else (self._fd, self._nowait)
 
     def record_path(self) -> str:
-        return workingset.default_path(self.path)
+        return record_path_for(self.path)
 
     async def aclose(self) -> None:
         if self._fd >= 0:
@@ -144,6 +143,11 @@ class FileSource(PageSource):
 
     def describe(self) -> str:
         return f"file:{self.path}"
+
+
+def record_path_for(snapshot: str | os.PathLike[str]) -> str:
+    """Where the working-set record of a snapshot lives: next to it, ending in ``.ws``."""
+    return os.fspath(snapshot) + ".ws"
 
 
 def load_poison_marks(path: str) -> list[tuple[int, int]]:

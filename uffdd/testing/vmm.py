@@ -99,178 +99,208 @@ def _quantile(sorted_ns: list[int], q: float) -> float:
     return sorted_ns[min(len(sorted_ns) - 1, int(q * len(sorted_ns)))] / 1000.0
 
 
-def run(spec: VmmSpec) -> dict[str, object]:
-    ps = spec.page_size
-    hugetlb = ps > mmap.PAGESIZE
-    memfd = -1 if spec.anonymous else os.memfd_create(
-        "uffdd-guest", os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0))
-    offsets: list[int] = []
-    off = 0
-    for size in spec.region_sizes:
-        offsets.append(off)
-        off += size + spec.region_gap
-    if not spec.anonymous:
-        os.ftruncate(memfd, off)
-    rng = random.Random(spec.seed)
+class _StandIn:
+    """One run of the stand-in VMM, step by step: memory, userfaultfd, handshake, vCPUs, checks."""
 
-    # Pages already in the page cache, with bytes the guest must never see.
-    prepopulated = 0
-    if spec.prepopulate > 0 and not spec.anonymous:
+    def __init__(self, spec: VmmSpec) -> None:
+        self.spec = spec
+        self.ps = spec.page_size
+        self.rng = random.Random(spec.seed)
+        self.offsets: list[int] = []
+        off = 0
+        for size in spec.region_sizes:
+            self.offsets.append(off)
+            off += size + spec.region_gap
+        self.memfd = -1 if spec.anonymous else os.memfd_create(
+            "uffdd-guest", os.MFD_CLOEXEC | (os.MFD_HUGETLB if self.ps > mmap.PAGESIZE else 0))
+        if not spec.anonymous:
+            os.ftruncate(self.memfd, off)
+        self.prepopulated = self._prepopulate(off)
+        self.maps = self._map()
+        self.bases = [_addr(m) for m in self.maps]
+
+    def _prepopulate(self, total: int) -> int:
+        """Pages already in the page cache, with bytes the guest must never see."""
+        spec, ps = self.spec, self.ps
+        if spec.prepopulate <= 0 or spec.anonymous:
+            return 0
+        done = 0
         garbage = bytes([0xAB]) * ps
         # Through a throwaway mapping: hugetlbfs has no write(2).
-        with mmap.mmap(memfd, off, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as whole:
-            for roff, size in zip(offsets, spec.region_sizes, strict=False):
+        with mmap.mmap(self.memfd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as whole:
+            for roff, size in zip(self.offsets, spec.region_sizes, strict=False):
                 for p in range(size // ps):
-                    if rng.random() < spec.prepopulate:
+                    if self.rng.random() < spec.prepopulate:
                         whole[roff + p * ps : roff + (p + 1) * ps] = garbage
-                        prepopulated += 1
+                        done += 1
+        return done
 
-    if spec.anonymous:
-        maps = [mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if hugetlb else 0),
-                          mmap.PROT_READ | mmap.PROT_WRITE) for size in spec.region_sizes]
-    else:
-        maps = [mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=roff)
-                for roff, size in zip(offsets, spec.region_sizes, strict=False)]
-    bases = [_addr(m) for m in maps]
+    def _map(self) -> list[mmap.mmap]:
+        spec = self.spec
+        if spec.anonymous:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_HUGETLB if self.ps > mmap.PAGESIZE else 0)
+            return [mmap.mmap(-1, size, flags, mmap.PROT_READ | mmap.PROT_WRITE) for size in spec.region_sizes]
+        return [mmap.mmap(self.memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=roff)
+                for roff, size in zip(self.offsets, spec.region_sizes, strict=False)]
 
-    uffd = Userfaultfd.open()
-    if spec.preregister:
-        feats = spec.preregister_features
-        if feats < 0:
-            feats = 0 if spec.anonymous else (abi.FEATURE_MINOR_HUGETLBFS if hugetlb else abi.FEATURE_MINOR_SHMEM)
-        uffd.api(feats)
-        mode = abi.REGISTER_MODE_MISSING | (0 if spec.anonymous else abi.REGISTER_MODE_MINOR)
-        for base, size in zip(bases, spec.region_sizes, strict=False):
-            uffd.register(base, size, mode)
+    def userfaultfd(self) -> Userfaultfd:
+        """A bare userfaultfd, or one set up as Firecracker sets it up (``preregister``)."""
+        spec = self.spec
+        uffd = Userfaultfd.open()
+        if spec.preregister:
+            feats = spec.preregister_features
+            if feats < 0:
+                feats = 0 if spec.anonymous else (
+                    abi.FEATURE_MINOR_HUGETLBFS if self.ps > mmap.PAGESIZE else abi.FEATURE_MINOR_SHMEM)
+            uffd.api(feats)
+            mode = abi.REGISTER_MODE_MISSING | (0 if spec.anonymous else abi.REGISTER_MODE_MINOR)
+            for base, size in zip(self.bases, spec.region_sizes, strict=False):
+                uffd.register(base, size, mode)
+        return uffd
 
-    if spec.firecracker:
-        body = json.dumps([{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps, "page_size_kib": ps}
-                           for b, s, o in zip(bases, spec.region_sizes, offsets, strict=True)],
-                          separators=(",", ":")).encode()
-    else:
+    def body(self) -> bytes:
+        spec, ps = self.spec, self.ps
+        if spec.firecracker:
+            return json.dumps([{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps, "page_size_kib": ps}
+                               for b, s, o in zip(self.bases, spec.region_sizes, self.offsets, strict=True)],
+                              separators=(",", ":")).encode()
         regions = [{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps}
-                   for b, s, o in zip(bases, spec.region_sizes, offsets, strict=False)]
+                   for b, s, o in zip(self.bases, spec.region_sizes, self.offsets, strict=False)]
         doc: object = regions if spec.list_form else {"vm_id": spec.vm_id, "source": spec.source, "regions": regions}
-        body = json.dumps(doc).encode()
+        return json.dumps(doc).encode()
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(spec.socket)
-    fds = array.array("i", [uffd.fileno(), *([] if spec.anonymous else [memfd]), *spec.extra_fds])
-    pieces = max(1, spec.split_body)
-    step = -(-len(body) // pieces)
-    chunks = [body[i : i + step] for i in range(0, len(body), step)]
-    sock.sendmsg([chunks[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
-    for chunk in chunks[1:]:
-        time.sleep(0.05)
-        sock.sendall(chunk)
-    lines = sock.makefile("rb")
-    reply = lines.readline()
-    answer = json.loads(reply) if reply else {"error": "daemon closed the connection"}
-    if "error" in answer:
-        return {"ok": False, "error": answer["error"], "stage": "handshake"}
+    def handshake(self, uffd: Userfaultfd) -> tuple[socket.socket, Any, dict[str, Any]]:
+        """Connect, send the body (in pieces if asked) with the fds, read the daemon's answer."""
+        spec = self.spec
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(spec.socket)
+        fds = array.array("i", [uffd.fileno(), *([] if spec.anonymous else [self.memfd]), *spec.extra_fds])
+        body = self.body()
+        step = -(-len(body) // max(1, spec.split_body))
+        chunks = [body[i : i + step] for i in range(0, len(body), step)]
+        sock.sendmsg([chunks[0]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+        for chunk in chunks[1:]:
+            time.sleep(0.05)
+            sock.sendall(chunk)
+        lines = sock.makefile("rb")
+        reply = lines.readline()
+        return sock, lines, json.loads(reply) if reply else {"error": "daemon closed the connection"}
 
-    time.sleep(spec.start_delay)
-    if spec.remap_region >= 0:
-        bases[spec.remap_region] = _move(bases[spec.remap_region], spec.region_sizes[spec.remap_region], ps)
-    pages = [(bases[i] + p * ps, offsets[i] + p * ps)
-             for i, size in enumerate(spec.region_sizes) for p in range(size // ps)]
-    unmapped: set[int] = set()
-    if spec.unmap_pages:
-        first, count = spec.unmap_pages
-        unmapped = set(range(first, first + count))
-    skipped = unmapped | ({spec.final_touch} if spec.final_touch >= 0 else set())
-    order = [i for i in range(len(pages)) if i not in skipped]
-    rng.shuffle(order)
-    keep = int(len(order) * spec.touch_fraction)
-    order = order[: max(keep, 1 if spec.touch_fraction > 0 else 0)]
-    shares = [order] * spec.threads if spec.same_pages else [order[t :: spec.threads] for t in range(spec.threads)]
-    latencies: list[array.array[int]] = [array.array("q") for _ in range(spec.threads)]
-    scratch = [ctypes.create_string_buffer(8) for _ in range(spec.threads)]
-    memmove = ctypes.memmove
-    perf = time.perf_counter_ns
 
-    tids: list[int] = []
+class _Workload:
+    """The vCPU threads (and the balloon / unmap threads) and what they touched."""
 
-    def vcpu(t: int) -> None:
-        tids.append(threading.get_native_id())
-        lat, buf = latencies[t], scratch[t]
-        for n, i in enumerate(shares[t]):
-            if t == 0 and n == spec.disconnect_after:
+    def __init__(self, vm: _StandIn, sock: socket.socket) -> None:
+        spec, ps = vm.spec, vm.ps
+        self.spec, self.sock = spec, sock
+        self.pages = [(vm.bases[i] + p * ps, vm.offsets[i] + p * ps)
+                      for i, size in enumerate(spec.region_sizes) for p in range(size // ps)]
+        self.unmapped: set[int] = set()
+        if spec.unmap_pages:
+            first, count = spec.unmap_pages
+            self.unmapped = set(range(first, first + count))
+        self.skipped = self.unmapped | ({spec.final_touch} if spec.final_touch >= 0 else set())
+        order = [i for i in range(len(self.pages)) if i not in self.skipped]
+        vm.rng.shuffle(order)
+        keep = int(len(order) * spec.touch_fraction)
+        self.order = order[: max(keep, 1 if spec.touch_fraction > 0 else 0)]
+        self.shares = ([self.order] * spec.threads if spec.same_pages
+                       else [self.order[t :: spec.threads] for t in range(spec.threads)])
+        self.latencies: list[array.array[int]] = [array.array("q") for _ in range(spec.threads)]
+        self.tids: list[int] = []
+        self.zero_pages: set[int] = set()
+        self.side = self._side_threads(vm)
+
+    def _side_threads(self, vm: _StandIn) -> list[threading.Thread]:
+        spec, pages, side = self.spec, self.pages, []
+        if spec.remove_burst:
+            victims = vm.rng.sample([i for i in range(len(pages)) if i not in self.skipped], spec.remove_burst)
+            self.zero_pages.update(victims)
+
+            def balloon() -> None:
+                for i in victims:
+                    _madvise(pages[i][0], vm.ps, _MADV_DONTNEED)
+
+            side.append(threading.Thread(target=balloon, name="balloon"))
+        if self.unmapped:
+            first = min(self.unmapped)
+            side.append(threading.Thread(target=_munmap, args=(pages[first][0], len(self.unmapped) * vm.ps),
+                                         name="unmap"))
+        return side
+
+    def vcpu(self, t: int) -> None:
+        self.tids.append(threading.get_native_id())
+        lat, buf = self.latencies[t], ctypes.create_string_buffer(8)
+        memmove, perf = ctypes.memmove, time.perf_counter_ns
+        for n, i in enumerate(self.shares[t]):
+            if t == 0 and n == self.spec.disconnect_after:
                 # A VMM that goes away mid-run: report, drop the connection, exit at once.
                 print(json.dumps({"ok": True, "disconnected_after": n}), flush=True)
-                sock.close()
+                self.sock.close()
                 os._exit(0)
-            a = pages[i][0]
             t0 = perf()
-            memmove(buf, a, 8)  # the first touch of the page: a fault the daemon resolves
+            memmove(buf, self.pages[i][0], 8)  # the first touch of the page: a fault the daemon resolves
             lat.append(perf() - t0)
 
-    zero_pages: set[int] = set()
-    side: list[threading.Thread] = []
-    if spec.remove_burst:
-        victims = rng.sample([i for i in range(len(pages)) if i not in skipped], spec.remove_burst)
-        zero_pages.update(victims)
+    def run(self) -> float:
+        threads = [threading.Thread(target=self.vcpu, args=(t,), name=f"vcpu{t}") for t in range(self.spec.threads)]
+        threads += self.side
+        start = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return time.perf_counter() - start
 
-        def balloon() -> None:
-            for i in victims:
-                _madvise(pages[i][0], ps, _MADV_DONTNEED)
 
-        side.append(threading.Thread(target=balloon, name="balloon"))
-    if unmapped:
-        first = min(unmapped)
-        side.append(threading.Thread(target=_munmap, args=(pages[first][0], len(unmapped) * ps), name="unmap"))
-    threads = [threading.Thread(target=vcpu, args=(t,), name=f"vcpu{t}") for t in range(spec.threads)] + side
-    start = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - start
-
-    touched = set(order)
+def run(spec: VmmSpec) -> dict[str, object]:
+    vm = _StandIn(spec)
+    uffd = vm.userfaultfd()
+    sock, lines, answer = vm.handshake(uffd)
+    if "error" in answer:
+        return {"ok": False, "error": answer["error"], "stage": "handshake"}
+    time.sleep(spec.start_delay)
+    if spec.remap_region >= 0:
+        i = spec.remap_region
+        vm.bases[i] = _move(vm.bases[i], spec.region_sizes[i], vm.ps)
+    work = _Workload(vm, sock)
+    elapsed = work.run()
+    touched = set(work.order)
     for first, count in spec.dontneed:
-        _madvise(pages[first][0], count * ps, _MADV_DONTNEED)
+        _madvise(work.pages[first][0], count * vm.ps, _MADV_DONTNEED)
         # Anonymous memory reads zeros again. Shared memory keeps what its page cache holds:
         # the snapshot's bytes where the guest had the page, zeros (never the source's bytes,
         # which it never asked for) where it had not.
-        zero_pages.update(i for i in range(first, first + count) if spec.anonymous or i not in touched)
-    extra: dict[str, object] = {}
-    if spec.wait_complete > 0:
-        extra = _await_completion(spec, lines, sock, bases)
+        work.zero_pages.update(i for i in range(first, first + count) if spec.anonymous or i not in touched)
+    extra = _await_completion(spec, lines, sock, vm.bases) if spec.wait_complete > 0 else {}
     wrong: list[int] = []
-    checked = 0
+    which: list[int] = []
     if spec.verify:
-        which = order if spec.verify_only_touched else [i for i in range(len(pages)) if i not in skipped]
-        wrong = _verify(spec.snapshot, pages, sorted(which), zero_pages, ps)
-        checked = len(which)
-    all_ns = sorted(x for lat in latencies for x in lat)
+        which = work.order if spec.verify_only_touched else [i for i in range(len(work.pages))
+                                                              if i not in work.skipped]
+        wrong = _verify(spec.snapshot, work.pages, sorted(which), work.zero_pages, vm.ps)
     sock.close()
-    result = {
-        "ok": not wrong,
-        "pages": len(pages),
-        "touched": len(order),
-        "threads": spec.threads,
-        "prepopulated": prepopulated,
-        "elapsed_s": elapsed,
-        "faults_per_s": len(all_ns) / elapsed if elapsed > 0 else 0.0,
-        "p50_us": _quantile(all_ns, 0.5),
-        "p99_us": _quantile(all_ns, 0.99),
-        "pages_checked": checked,
-        "verify_only_touched": spec.verify_only_touched,
-        "wrong_pages": len(wrong),
-        "wrong_sample": wrong[:16],
-        "session": answer.get("session"),
-        "zero_pages": len(zero_pages),
-        "vcpu_tids": tids,
-        **({"final_addr": pages[spec.final_touch][0]} if 0 <= spec.final_touch < len(pages) else {}),
-        "unmapped": len(unmapped),
-        **extra,
-    }
-    if 0 <= spec.final_touch < len(pages):
+    result = _report(spec, vm, work, elapsed, wrong, len(which), answer) | extra
+    if 0 <= spec.final_touch < len(work.pages):
         # Report first: touching a poisoned page ends the process with SIGBUS, as it would a guest.
         print(json.dumps(result), flush=True)
-        ctypes.string_at(pages[spec.final_touch][0], 8)
+        ctypes.string_at(work.pages[spec.final_touch][0], 8)
     return result
+
+
+def _report(spec: VmmSpec, vm: _StandIn, work: _Workload, elapsed: float, wrong: list[int], checked: int,
+            answer: dict[str, Any]) -> dict[str, object]:
+    all_ns = sorted(x for lat in work.latencies for x in lat)
+    final = {"final_addr": work.pages[spec.final_touch][0]} if 0 <= spec.final_touch < len(work.pages) else {}
+    return {
+        "ok": not wrong, "pages": len(work.pages), "touched": len(work.order), "threads": spec.threads,
+        "prepopulated": vm.prepopulated, "elapsed_s": elapsed,
+        "faults_per_s": len(all_ns) / elapsed if elapsed > 0 else 0.0,
+        "p50_us": _quantile(all_ns, 0.5), "p99_us": _quantile(all_ns, 0.99),
+        "pages_checked": checked, "verify_only_touched": spec.verify_only_touched,
+        "wrong_pages": len(wrong), "wrong_sample": wrong[:16], "session": answer.get("session"),
+        "zero_pages": len(work.zero_pages), "vcpu_tids": work.tids, **final, "unmapped": len(work.unmapped),
+    }
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -348,15 +378,20 @@ def _pages_present(base: int, size: int, ps: int) -> int:
     return present
 
 
-def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: list[int]) -> dict[str, object]:
-    sock.settimeout(spec.wait_complete)
-    events: list[dict[str, object]] = []
+def _next_line(lines: Any, sock: socket.socket, timeout: float) -> list[dict[str, object]]:
+    """The daemon's next line on the VMM socket, if one comes within ``timeout``."""
+    sock.settimeout(timeout)
     try:
         line = lines.readline()
-        if line:
-            events.append(json.loads(line))
+        return [json.loads(line)] if line else []
     except (TimeoutError, OSError):
-        pass
+        return []
+    finally:
+        sock.settimeout(None)
+
+
+def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: list[int]) -> dict[str, object]:
+    events = _next_line(lines, sock, spec.wait_complete)
     present = sum(_pages_present(b, s, spec.page_size) for b, s in zip(bases, spec.region_sizes, strict=True))
     # Registering the ranges on a fresh userfaultfd only works once uffdd has unregistered them.
     unregistered = True
@@ -368,15 +403,11 @@ def _await_completion(spec: VmmSpec, lines: Any, sock: socket.socket, bases: lis
                 probe.unregister(b, s)
             except OSError:
                 unregistered = False
-    # Any further line would be a second "complete": look briefly.
-    sock.settimeout(0.3)
-    try:
-        line = lines.readline()
-        if line:
-            events.append(json.loads(line))
-    except (TimeoutError, OSError):
-        pass
-    sock.settimeout(None)
+    # Hang up and read what the daemon still says until it closes its end: any further line
+    # would be a second "complete".
+    sock.shutdown(socket.SHUT_WR)
+    while more := _next_line(lines, sock, 10):
+        events += more
     return {"events": events, "present_before_touch": present, "unregistered": unregistered}
 
 

@@ -16,7 +16,6 @@ import array
 import os
 import struct
 import sys
-from pathlib import Path
 
 import aiofiles
 import aiofiles.os
@@ -65,7 +64,7 @@ def encode(pages: list[int], *, source_size: int, page_size: int) -> bytes:
     return HEADER.pack(MAGIC, source_size, page_size, len(arr)) + arr.tobytes()
 
 
-async def load(path: str, *, source_size: int, page_size: int) -> list[int]:
+async def load_record(path: str, *, source_size: int, page_size: int) -> list[int]:
     """Read a record file (off the fault path, through aiofiles). Missing file: []."""
     try:
         async with aiofiles.open(path, "rb") as fh:
@@ -75,7 +74,7 @@ async def load(path: str, *, source_size: int, page_size: int) -> list[int]:
     return parse(data, source_size=source_size, page_size=page_size)
 
 
-async def save(path: str, pages: list[int], *, source_size: int, page_size: int) -> None:
+async def save_record(path: str, pages: list[int], *, source_size: int, page_size: int) -> None:
     """Write atomically: a reader never sees half a record."""
     tmp = f"{path}.tmp.{os.getpid()}"
     async with aiofiles.open(tmp, "wb") as fh:
@@ -83,7 +82,7 @@ async def save(path: str, pages: list[int], *, source_size: int, page_size: int)
     await aiofiles.os.replace(tmp, path)
 
 
-def runs(pages: list[int]) -> list[tuple[int, int]]:
+def record_runs(pages: list[int]) -> list[tuple[int, int]]:
     """Merge consecutive page numbers into (first, count) runs, keeping first-appearance order."""
     out: list[tuple[int, int]] = []
     seen: set[int] = set()
@@ -98,6 +97,5 @@ def runs(pages: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def default_path(source_path: str | os.PathLike[str]) -> str:
-    """The record file that lives next to a snapshot."""
-    return str(Path(source_path)) + ".ws"
+__all__ = ["HEADER", "MAGIC", "MAX_ENTRIES", "RecordError", "encode", "load_record", "parse",
+           "record_runs", "save_record"]

@@ -1,0 +1,258 @@
+"""How background runs get their bytes: bulk copies off the event loop, or a source's slow path.
+
+Pre-paging (uffdd.core.prefetch) decides *what* to fetch and claims those pages (FILLING);
+this module fetches them and hands complete runs to :meth:`Guest.install_run`.
+
+- A source with a backing file (:meth:`PageSource.backing_fd`) is copied by a worker thread
+  with the GIL released: for shmem one ``pwrite`` from a read-only mapping of the source straight
+  into the memory file (no fault per page in our mapping, no zeroing of pages about to be
+  overwritten); for hugetlbfs, which has no write(2), the huge pages are allocated in one
+  madvise and read into with ``preadv``; anonymous guests are read into a private buffer
+  that UFFDIO_COPY takes from.
+- Any other source is asked for its slow path (:meth:`PageSource.prefetch`) into a private
+  buffer, so that a demand fault on one of those pages can take it over (:meth:`BulkFetcher.steal`)
+  and fetch it urgently; only pages nobody took over are copied into guest memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import mmap
+import os
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import structlog
+
+from uffdd.core.pagestate import PageStates
+from uffdd.core.regions import Region, RegionMap, Run
+from uffdd.core.stats import SessionStats, Wait
+from uffdd.errors import GuestMemoryGone, PagePoisoned, SourceError
+from uffdd.kernel.memory import PrivateBuffer, copy_into, populate
+from uffdd.sources import PageSource
+
+
+class Refill(Protocol):
+    def __call__(self, region: Region, idx: int, wait: Wait | None, /) -> None: ...
+
+
+class PrefetchHost(Protocol):
+    """What background work needs of a session: its pages, and the one way to install them.
+    (uffdd.core.guest.Guest is the implementation.)"""
+
+    id: str
+    page_size: int
+    hugetlb: bool
+    anonymous: bool
+    memfd: int | None
+    regions: RegionMap
+    states: PageStates
+    stats: SessionStats
+    cursor: tuple[Region, int]
+    closed: bool
+    log: structlog.typing.FilteringBoundLogger
+
+    def install_run(self, region: Region, lo: int, n: int, path: str, wait: Wait | None = None,
+                    src: PrivateBuffer | None = None, src_off: int = 0, delay: float = ...) -> None: ...
+
+    def release_claims(self, runs: list[Run]) -> None: ...
+
+    def poison_run(self, region: Region, lo: int, n: int, exc: PagePoisoned, wait: Wait | None,
+                   refill: Refill) -> None: ...
+
+    def gone_unless_covered(self, region: Region, lo: int, n: int) -> bool: ...
+
+    def covers(self, region: Region, lo: int, n: int) -> bool: ...
+
+
+class _InFlight:
+    __slots__ = ("lo", "n", "region", "stolen")
+
+    def __init__(self, region: Region, lo: int, n: int) -> None:
+        self.region, self.lo, self.n = region, lo, n
+        self.stolen: set[int] = set()
+
+    def unstolen(self) -> list[tuple[int, int]]:
+        """[p, q) runs of the pages no demand fault took over: still this work's to install."""
+        out: list[tuple[int, int]] = []
+        p, end = self.lo, self.lo + self.n
+        while p < end:
+            if p in self.stolen:
+                p += 1
+                continue
+            q = p
+            while q < end and q not in self.stolen:
+                q += 1
+            out.append((p, q))
+            p = q
+        return out
+
+
+class BulkFetcher:
+    """Fetches claimed runs for one session and installs them (see the module docstring)."""
+
+    def __init__(self, host: PrefetchHost, source: PageSource, refill: Refill) -> None:
+        self.host = host
+        self.source = source
+        self.refill = refill
+        self._pool: ThreadPoolExecutor | None = None
+        self._src_map: mmap.mmap | None = None
+        self._inflight: list[_InFlight] = []
+
+    async def fetch(self, runs: list[Run], path: str) -> None:
+        """Fill ``runs`` and install them. A source error is retried with backoff, and only
+        for what is not installed yet: an installed page is never written again. If the memory
+        file no longer holds a run (the VMM shrank it), the session ends."""
+        try:
+            await self._fetch(runs, path)
+        except GuestMemoryGone:
+            for r, i, n in runs:
+                if self.host.gone_unless_covered(r, i, n):
+                    return
+            raise
+
+    async def _fetch(self, runs: list[Run], path: str) -> None:
+        fd = self.source.backing_fd()
+        if fd is None:
+            for r, i, n in runs:
+                await self._fetch_slow(r, i, n, path)
+        elif self.host.anonymous:
+            await self._retrying(lambda: self._fetch_private(fd, runs, path), runs)
+        else:
+            loop = asyncio.get_running_loop()
+            await self._retrying(lambda: loop.run_in_executor(self._executor(), self._copy, fd, runs), runs)
+            for r, i, n in runs:
+                self.host.install_run(r, i, n, path)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[object]], runs: list[Run]) -> None:
+        delay = 0.01
+        while True:
+            try:
+                await attempt()
+                return
+            except (PagePoisoned, GuestMemoryGone):
+                raise
+            except (SourceError, OSError) as exc:
+                if not all(self.host.covers(r, i, n) for r, i, n in runs):
+                    raise GuestMemoryGone(str(exc)) from None
+                self.host.stats.source_errors += 1
+                self.host.log.warning("prefetch_failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _fetch_private(self, fd: int, runs: list[Run], path: str) -> None:
+        """Anonymous memory: read into a private buffer, then COPY (installs nothing on error)."""
+        buf = PrivateBuffer(sum(n << r.shift for r, _, n in runs))
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor(), self._read, fd, runs, buf.view)
+            off = 0
+            for r, i, n in runs:
+                self.host.install_run(r, i, n, path, None, buf, off)
+                off += n << r.shift
+        finally:
+            buf.close()
+
+    async def _fetch_slow(self, r: Region, i: int, n: int, path: str) -> None:
+        """One run from the source's slow path into a private buffer; pages a demand fault took
+        over meanwhile (even across retries) are left to it."""
+        run = _InFlight(r, i, n)
+        self._inflight.append(run)
+        buf = PrivateBuffer(n << r.shift)
+        try:
+            with buf.view[: n << r.shift] as dest:
+                await self._retrying(lambda: self.source.prefetch(r.file_offset(i), dest), [])
+            for p, q in run.unstolen():
+                if self.host.anonymous:
+                    self.host.install_run(r, p, q - p, path, None, buf, (p - i) << r.shift)
+                else:
+                    self._copy_in(r, p, q, buf.view[(p - i) << r.shift : (q - i) << r.shift])
+                    self.host.install_run(r, p, q - p, path)
+        except PagePoisoned as exc:
+            for p, q in run.unstolen():
+                self.host.poison_run(r, p, q - p, exc, None, self.refill)
+        finally:
+            self._inflight.remove(run)
+            buf.close()
+
+    @staticmethod
+    def _copy_in(r: Region, p: int, q: int, data: memoryview) -> None:
+        with r.mem[p << r.shift : q << r.shift] as dest:
+            try:
+                copy_into(dest, data)
+            except OSError as exc:
+                if exc.errno != errno.EFAULT:
+                    raise
+                raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift) from None
+
+    def steal(self, r: Region, idx: int) -> bool:
+        """A demand fault hit a page claimed by background work still in flight: if that work
+        writes into a private buffer, the fault takes the page over and fetches it urgently."""
+        for run in self._inflight:
+            if run.region is r and run.lo <= idx < run.lo + run.n and idx not in run.stolen:
+                run.stolen.add(idx)
+                return True
+        return False
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            # Copies into one shmem file serialize on its inode lock: one thread. hugetlbfs
+            # copies (preadv into separate huge pages) scale with a second core.
+            workers = 2 if self.host.hugetlb else 1
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"uffdd-prefetch-{self.host.id}")
+        return self._pool
+
+    # --- worker threads (GIL released in the system calls) ------------------------------------
+    def _copy(self, fd: int, runs: list[Run]) -> None:
+        for r, i, n in runs:
+            foff = r.file_offset(i)
+            length = n << r.shift
+            if self.host.hugetlb:
+                with r.mem[i << r.shift : (i + n) << r.shift] as view:
+                    populate(view)
+                    _read_fully(fd, view, foff)
+                continue
+            src = self._source_map(fd)
+            if foff + length > len(src):
+                raise SourceError(f"source has {len(src)} bytes, prefetch needs {foff + length}")
+            memfd = self.host.memfd
+            assert memfd is not None
+            with memoryview(src)[foff : foff + length] as chunk:
+                done = 0
+                while done < length:
+                    done += os.pwrite(memfd, chunk[done:], foff + done)
+
+    @staticmethod
+    def _read(fd: int, runs: list[Run], dest: memoryview) -> None:
+        off = 0
+        for r, i, n in runs:
+            length = n << r.shift
+            _read_fully(fd, dest[off : off + length], r.file_offset(i))
+            off += length
+
+    def _source_map(self, fd: int) -> mmap.mmap:
+        if self._src_map is None:
+            self._src_map = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        return self._src_map
+
+    def close(self) -> None:
+        """Join the copy threads (before the source and the mappings go away)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._src_map is not None:
+            self._src_map.close()
+            self._src_map = None
+
+
+def _read_fully(fd: int, dest: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(dest):
+        got = os.preadv(fd, [dest[done:]], offset + done)
+        if got <= 0:
+            raise SourceError(f"source ended at {offset + done} during prefetch")
+        done += got
+
+
+__all__ = ["BulkFetcher", "PrefetchHost", "Refill"]
