@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ByteSize
 
+from uffdd.images.pack import PackOptions, pack
 from uffdd.peer.image import Image
 from uffdd.peer.server import PeerServer
 from uffdd.sources import BUILTIN_SOURCES, PageSource
 from uffdd.sources.file import FileSource, FileSourceConfig
+from uffdd.sources.image import ImageCacheConfig, ImageSource, ImageSourceConfig
 from uffdd.sources.peer import PeerSource, PeerSourceConfig
 from uffdd.testing.conformance import check_page_source
+from uffdd.testing.servers import NginxServer
 
 Factory = Callable[[Path], contextlib.AbstractAsyncContextManager[PageSource]]
 
@@ -59,11 +64,34 @@ async def peer_source(snapshot: Path, **options: Any) -> AsyncIterator[PageSourc
         await server.close()
 
 
+@contextlib.asynccontextmanager
+async def image_source(snapshot: Path, *, cache: bool = True, http: bool = False) -> AsyncIterator[PageSource]:
+    """The snapshot packed into a store (a directory, or behind nginx) and read as ``kind: image``."""
+    with tempfile.TemporaryDirectory(prefix="uffdd-conformance-") as tmp:
+        packed = await pack(str(snapshot), f"{tmp}/store", PackOptions(name="conf"))
+        server = NginxServer(f"{tmp}/store", f"{tmp}/nginx").start() if http else None
+        try:
+            url = f"{server.url}/conf.json" if server is not None else packed.url
+            cfg = ImageSourceConfig(url=url, cache=ImageCacheConfig(path=f"{tmp}/cache", max_bytes=ByteSize(1 << 30))
+                                    if cache else None)
+            source = await ImageSource.open(cfg, vm_id="conf")
+            try:
+                yield source
+            finally:
+                await source.aclose()
+        finally:
+            if server is not None:
+                server.stop()
+
+
 SOURCE_KINDS: dict[str, Factory] = {
     "file": file_source,
     "file-tmpfs": file_source_on_tmpfs,
     "peer": peer_source,
     "peer-uncompressed": lambda snap: peer_source(snap, compression=False),
+    "image": image_source,
+    "image-http": lambda snap: image_source(snap, http=True),
+    "image-without-cache": lambda snap: image_source(snap, cache=False),
 }
 
 

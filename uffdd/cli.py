@@ -1,4 +1,4 @@
-"""Command line: ``uffdd run | serve | status | validate | check | demo``."""
+"""Command line: ``uffdd run | serve | status | validate | check | demo | pack``."""
 
 from __future__ import annotations
 
@@ -156,7 +156,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(DemoOptions(size=args.size, page_size=args.page_size, threads=args.threads,
                                  regions=args.regions, prepopulate=args.prepopulate, workdir=args.workdir,
                                  peer=args.peer or args.cut_link, cut_link=args.cut_link,
-                                 cut_seconds=args.cut_seconds, peer_deadline=args.peer_deadline))
+                                 cut_seconds=args.cut_seconds, peer_deadline=args.peer_deadline, image=args.image))
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from uffdd.images.command import main as pack_main
+
+    return pack_main(args)
+
+
+def _add_pack_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    k = sub.add_parser("pack", help="pack a memory file into an image (compressed, content-addressed chunks and "
+                       "a manifest) in a directory or object store; --verify checks one")
+    k.add_argument("memory", nargs="?", metavar="MEMORY_FILE", help="raw guest memory (a snapshot file)")
+    k.add_argument("dest", metavar="DEST", help="directory or store URL (s3://, gs://, az://, file://) that gets "
+                   "NAME.json and chunks/; with --verify alone: the image's manifest URL")
+    k.add_argument("--name", help="image name (default: the memory file's name without its suffix)")
+    k.add_argument("--parent", metavar="IMAGE", help="store only the chunks that differ from this image (its "
+                   "name in DEST, or its manifest URL)")
+    k.add_argument("--chunk-size", type=parse_size, default=256 << 10, help="bytes per chunk (default 256K)")
+    k.add_argument("--compression", choices=["zstd", "lz4", "none"], default="zstd")
+    k.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    k.add_argument("--page-size", type=parse_size, default=4096, help="the guest's page size: 4K or 2M")
+    k.add_argument("--verify", action="store_true", help="re-read every chunk and check it (after packing: "
+                   "and compare with MEMORY_FILE)")
+    k.add_argument("--json", action="store_true", help="print the results as JSON")
+    k.set_defaults(func=_cmd_pack)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,12 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default=None, help="where to put the snapshot (default: a temp dir)")
     d.add_argument("--peer", action="store_true", help="serve the snapshot with `uffdd serve` on loopback and "
                    "fetch pages over the network (kind: peer)")
+    d.add_argument("--image", action="store_true", help="pack guest-like memory with `uffdd pack`, serve it over "
+                   "HTTP on loopback and restore from it (kind: image)")
     d.add_argument("--cut-link", action="store_true", help="with --peer: cut the link a third of the way in "
                    "and show the recovery")
     d.add_argument("--cut-seconds", type=float, default=1.5, help="how long the link stays cut (default 1.5)")
     d.add_argument("--peer-deadline", type=float, default=30.0,
                    help="seconds the source may stay unreachable before the demo fails (default 30)")
     d.set_defaults(func=_cmd_demo)
+    _add_pack_parser(sub)
     return p
 
 

@@ -22,9 +22,11 @@ from rich.table import Table
 
 from uffdd import logs
 from uffdd.config import parse_config
+from uffdd.images.demo import ImageDemo
 from uffdd.peer.demo import PeerDemo
 from uffdd.service.listener import Listener
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot
+from uffdd.testing.guestmem import make_guest_image
 
 
 @dataclass
@@ -40,6 +42,8 @@ class DemoOptions:
     cut_link: bool = False
     cut_seconds: float = 1.5
     peer_deadline: float = 30.0
+    image: bool = False
+    """Pack guest-like memory with ``uffdd pack``, serve it over HTTP and use a ``kind: image`` source."""
 
 
 def _region_sizes(size: int, regions: int, page_size: int) -> list[int]:
@@ -53,13 +57,20 @@ def _region_sizes(size: int, regions: int, page_size: int) -> list[int]:
     return sizes
 
 
+def _remote_source(opts: DemoOptions) -> PeerDemo | ImageDemo | None:
+    """The source side, when the snapshot is not read as a local file."""
+    if opts.peer:
+        return PeerDemo(cut_link=opts.cut_link, cut_seconds=opts.cut_seconds, deadline=opts.peer_deadline)
+    return ImageDemo(opts.page_size, opts.peer_deadline) if opts.image else None
+
+
 async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
     snap = work / "demo.mem"
     sock = work / "uffdd.sock"
     with console.status(f"writing a {opts.size >> 20} MiB snapshot image to {snap}"):
-        await asyncio.to_thread(make_snapshot, snap, opts.size, seed=7, page_size=opts.page_size)
-    peer = PeerDemo(cut_link=opts.cut_link, cut_seconds=opts.cut_seconds, deadline=opts.peer_deadline) \
-        if opts.peer else None
+        await asyncio.to_thread(make_guest_image if opts.image else make_snapshot, snap, opts.size, seed=7,
+                                page_size=opts.page_size)
+    peer = _remote_source(opts)
     if peer is not None:
         await peer.start(snap, opts.size, console)
     source = peer.source_config() if peer is not None else {"kind": "file", "path": str(work / "{vm_id}.mem")}

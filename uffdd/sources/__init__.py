@@ -15,6 +15,7 @@ from uffdd.sources.base import PageSource, SourceConfig
 BUILTIN_SOURCES: dict[str, str] = {
     "file": "uffdd.sources.file:FileSource",
     "peer": "uffdd.sources.peer:PeerSource",
+    "image": "uffdd.sources.image:ImageSource",
 }
 
 
