@@ -17,7 +17,7 @@ this module fetches them and hands complete runs to :meth:`Guest.install_run`.
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import mmap
 import os
 from collections.abc import Awaitable, Callable
@@ -35,6 +35,33 @@ from uffdd.sources import PageSource
 
 INSTALL_STEP = 256 << 10
 """Bytes of background pages installed at once before the fault loop gets its turn."""
+
+
+class _BufferPool:
+    """Private buffers for background runs, kept between runs (and sessions) with their pages
+    allocated: a fresh buffer costs a fault and a zeroed page per page."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._idle: list[PrivateBuffer] = []
+
+    def take(self, size: int) -> PrivateBuffer:
+        for k, b in enumerate(self._idle):
+            if len(b.view) >= size:
+                return self._idle.pop(k)
+        buf = PrivateBuffer(size)
+        with contextlib.suppress(OSError):
+            populate(buf.view)
+        return buf
+
+    def give(self, buf: PrivateBuffer) -> None:
+        if len(self._idle) < self._keep:
+            self._idle.append(buf)
+        else:
+            buf.close()
+
+
+_BUFFERS = _BufferPool(keep=8)
 
 
 class Refill(Protocol):
@@ -71,11 +98,13 @@ class PrefetchHost(Protocol):
 
 
 class _InFlight:
-    __slots__ = ("lo", "n", "region", "stolen")
+    __slots__ = ("frozen", "lo", "n", "region", "stolen")
 
     def __init__(self, region: Region, lo: int, n: int) -> None:
         self.region, self.lo, self.n = region, lo, n
         self.stolen: set[int] = set()
+        self.frozen = False
+        """The bytes are here: a demand fault waits for the local copy instead of taking over."""
 
     def unstolen(self, lo: int | None = None, hi: int | None = None) -> list[tuple[int, int]]:
         """[p, q) runs of the pages (within [lo, hi), by default all) no demand fault took over:
@@ -171,48 +200,59 @@ class BulkFetcher:
             buf.close()
 
     async def _fetch_slow(self, r: Region, i: int, n: int, path: str) -> None:
-        """One run from the source's slow path into a private buffer; pages a demand fault took
-        over meanwhile (even across retries) are left to it."""
+        """One run from the source's slow path into a private buffer, so that a demand fault
+        can take a page over while the bytes are on their way. Once they are here, the run is
+        frozen (a fault on it waits for the local copy), written into the memory file by a
+        thread, and installed."""
         run = _InFlight(r, i, n)
         self._inflight.append(run)
-        buf = PrivateBuffer(n << r.shift)
+        length = n << r.shift
+        buf = _BUFFERS.take(length)
         try:
-            with buf.view[: n << r.shift] as dest:
+            with buf.view[:length] as dest:
                 await self._retrying(lambda: self.source.prefetch(r.file_offset(i), dest), [])
-            step = max(1, INSTALL_STEP >> r.shift)
-            for first in range(i, i + n, step):
-                # Pages taken over by a demand fault while we yielded are its to write: the run
-                # is looked at again before each step, and nothing is awaited within one.
-                for p, q in run.unstolen(first, min(first + step, i + n)):
-                    if self.host.anonymous:
-                        self.host.install_run(r, p, q - p, path, None, buf, (p - i) << r.shift)
-                    else:
-                        self._copy_in(r, p, q, buf.view[(p - i) << r.shift : (q - i) << r.shift])
-                        self.host.install_run(r, p, q - p, path)
-                if first + step < i + n:
-                    await asyncio.sleep(0)
+            run.frozen = True
+            pieces = run.unstolen()
+            if self.host.anonymous:
+                for p, q in pieces:
+                    await self._install_in_steps(r, p, q - p, path, buf, (p - i) << r.shift)
+                return
+            await asyncio.get_running_loop().run_in_executor(self._executor(), self._write_pieces, run, pieces, buf)
+            for p, q in pieces:
+                await self._install_in_steps(r, p, q - p, path)
         except PagePoisoned as exc:
             for p, q in run.unstolen():
                 self.host.poison_run(r, p, q - p, exc, None, self.refill)
         finally:
             self._inflight.remove(run)
-            buf.close()
+            _BUFFERS.give(buf)
 
-    @staticmethod
-    def _copy_in(r: Region, p: int, q: int, data: memoryview) -> None:
-        with r.mem[p << r.shift : q << r.shift] as dest:
-            try:
-                copy_into(dest, data)
-            except OSError as exc:
-                if exc.errno != errno.EFAULT:
-                    raise
-                raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift) from None
+    def _write_pieces(self, run: _InFlight, pieces: list[tuple[int, int]], buf: PrivateBuffer) -> None:
+        """Worker thread: the run's pieces into the memory file. shmem: pwrite (the kernel
+        allocates the pages, no zeroing, no fault per page); hugetlbfs, which has no write(2):
+        allocate the huge pages in one madvise, then a guarded copy."""
+        r = run.region
+        memfd = self.host.memfd
+        assert memfd is not None
+        for p, q in pieces:
+            with buf.view[(p - run.lo) << r.shift : (q - run.lo) << r.shift] as data:
+                if not self.host.hugetlb:
+                    done = 0
+                    while done < len(data):
+                        done += os.pwrite(memfd, data[done:], r.file_offset(p) + done)
+                    continue
+                with r.mem[p << r.shift : q << r.shift] as dest:
+                    try:
+                        populate(dest)
+                        copy_into(dest, data)
+                    except OSError as exc:
+                        raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift) from exc
 
     def steal(self, r: Region, idx: int) -> bool:
         """A demand fault hit a page claimed by background work still in flight: if that work
         writes into a private buffer, the fault takes the page over and fetches it urgently."""
         for run in self._inflight:
-            if run.region is r and run.lo <= idx < run.lo + run.n and idx not in run.stolen:
+            if run.region is r and run.lo <= idx < run.lo + run.n and idx not in run.stolen and not run.frozen:
                 run.stolen.add(idx)
                 return True
         return False
