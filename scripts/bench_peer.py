@@ -1,273 +1,234 @@
 #!/usr/bin/env python3
-"""Peer source benchmark over loopback: bulk throughput and demand-fault latency.
+"""Post-copy over loopback: uffdd against the C floor, the same C guest, alternating rounds.
 
-1. Bulk: the whole image through the bulk connection (``PeerSource.prefetch``, 4 MiB READs,
-   several in flight) from ``uffdd serve`` in its own process, against a plain TCP byte stream
-   of the same bytes (``sendfile`` in a subprocess, ``recv_into`` here) measured in the same
-   run, rounds alternating; both write into the same already-faulted buffer. The number to
-   quote is the ratio of medians (goal >= 0.5).
-2. Demand faults: a stand-in VMM with one vCPU thread touches pages in random order; the real
-   daemon (pre-paging and fault-around off, so every touch is a demand fault on the urgent
-   connection) fills them from ``uffdd serve``. Measured idle, then with background prefetch
-   traffic on the bulk connection of the same source. p99 with background should stay within
-   3x of idle p99.
+The floor (scripts/bench/peer_floor.c) is the least work the job allows: a handler that sends
+the page offset over TCP and receives the answer straight into the second mapping, and a server
+that answers with sendfile(2); no checksums, no authentication, no recovery. uffdd is the real
+daemon (``uffdd run``, a ``kind: peer`` source) and the real ``uffdd serve``, each in its own
+process. The guest is scripts/bench/guest.c.
 
-    ./scripts/bench_peer.py [--size 256M] [--rounds 7] [--latency-size 32M] [--background-rate MB/s]
-                            [--pin] [--nice N] [--json]
+1. Demand faults, as the guest's vCPUs see them, at 1 and at 4 vCPUs: every first touch is a
+   fault served over the network (one page per fault, no pre-paging, on both). p50, p99 and the
+   time per page (elapsed / pages).
+2. Installing a whole idle guest (nothing touched, uffdd with its default settings): MB/s of
+   guest memory from the handshake until "complete", against the floor's install (CHUNK-byte
+   requests, a few in flight, straight into the second mapping) and against a raw TCP stream of
+   the same bytes into a fresh memfd.
+3. Demand faults while background pre-paging runs: uffdd's p99 with pre-paging on against its
+   p99 with pre-paging off (one page per fault, 1 vCPU).
+
+    ./scripts/bench_peer.py [--size 256M] [--fault-size 32M] [--rounds 5] [--secret] [--tls] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import mmap
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+BENCH = ROOT / "scripts" / "bench"
+FLOOR = BENCH / "build" / "peer_floor"
+GUEST = BENCH / "build" / "guest"
 
-from uffdd import logs  # noqa: E402
 from uffdd.cli import parse_size  # noqa: E402
-from uffdd.config import parse_config  # noqa: E402
-from uffdd.configbase import join_hostport  # noqa: E402
-from uffdd.peer.client import ClientOptions, PeerClient  # noqa: E402
-from uffdd.peer.config import PeerLinkConfig  # noqa: E402
-from uffdd.peer.testing import ServeProcess  # noqa: E402
-from uffdd.service.listener import Listener  # noqa: E402
-from uffdd.sources.peer import PeerSource  # noqa: E402
-from uffdd.testing import VmmProcess, VmmSpec, make_snapshot  # noqa: E402
-
-MIB = 1 << 20
-REQUEST = 4 * MIB
-
-_SENDER = r"""
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", 0))
-s.listen(1)
-print(s.getsockname()[1], flush=True)
-c, _ = s.accept()
-with open(sys.argv[1], "rb") as f:
-    c.sendfile(f)
-c.close()
-"""
+from uffdd.peer.testing import ServeProcess, make_tls_files  # noqa: E402
+from uffdd.testing import make_snapshot  # noqa: E402
 
 
-def plain_tcp(snap: Path, dest: memoryview) -> float:
-    """MB/s of one plain TCP byte stream of the image (kernel sendfile -> recv_into)."""
-    size = len(dest)
-    sender = subprocess.Popen([sys.executable, "-c", _SENDER, str(snap)], stdout=subprocess.PIPE)
+def wait_path(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{proc.args!r} did not start")
+        time.sleep(0.005)
+
+
+def guest(sock: Path, snap: Path, size: int, threads: int, seed: int, idle: bool = False) -> dict[str, Any]:
+    cmd = [str(GUEST), "--socket", str(sock), "--snapshot", str(snap), "--size", str(size), "--threads",
+           str(threads), "--seed", str(seed), "--bare"]
+    out = subprocess.run([*cmd, "--idle"] if idle else cmd, check=True, capture_output=True, timeout=600).stdout
+    res: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    if res["wrong_pages"]:
+        raise SystemExit(f"the guest saw {res['wrong_pages']} wrong pages: {res}")
+    return res
+
+
+@contextmanager
+def floor_server(snap: Path) -> Iterator[str]:
+    proc = subprocess.Popen([str(FLOOR), "serve", "--image", str(snap)], stdout=subprocess.PIPE)
     try:
-        assert sender.stdout is not None
-        port = int(sender.stdout.readline())
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            t0 = time.perf_counter()
-            got = 0
-            while got < size:
-                n = s.recv_into(dest[got : got + MIB])
-                if not n:
-                    raise RuntimeError(f"plain stream ended after {got} bytes")
-                got += n
-            dt = time.perf_counter() - t0
-        sender.wait(30)
+        assert proc.stdout is not None
+        yield f"127.0.0.1:{int(proc.stdout.readline())}"
     finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
-        if sender.stdout is not None:
-            sender.stdout.close()
-    return size / dt / 1e6
+        proc.kill()
+        proc.wait()
 
 
-async def peer_bulk(client: PeerClient, dest: memoryview, inflight: int) -> float:
-    size = len(dest)
-    sem = asyncio.Semaphore(inflight)
-
-    async def one(off: int) -> None:
-        async with sem:
-            await client.prefetch(off, dest[off : off + REQUEST])
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(off) for off in range(0, size, REQUEST)))
-    return size / (time.perf_counter() - t0) / 1e6
-
-
-def _same_bytes(snap: Path, buf: mmap.mmap, size: int) -> bool:
-    with open(snap, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as src:
-        return src[:size] == buf[:size]
-
-
-async def bulk(snap: Path, address: tuple[str, int], size: int, rounds: int, inflight: int) -> dict[str, Any]:
-    buf = mmap.mmap(-1, size)
-    buf.write(b"\x01" * size)  # fault the buffer in once: both contenders write to resident memory
-    dest = memoryview(buf)
-    client = PeerClient(ClientOptions.from_config(PeerLinkConfig(address=join_hostport(*address))))
-    await client.open()
-    plain: list[float] = []
-    peer: list[float] = []
+def floor_round(work: Path, server: str, snap: Path, size: int, threads: int, seed: int,
+                install: int = 0) -> dict[str, Any]:
+    sock = work / f"floor-{seed}.sock"
+    cmd = [str(FLOOR), "handle", "--socket", str(sock), "--server", server]
+    if install:
+        cmd += ["--install", str(install), "--inflight", "4"]
+    proc = subprocess.Popen(cmd)
     try:
-        await peer_bulk(client, dest, inflight)  # warm-up: connections, server page cache
-        if not await asyncio.to_thread(_same_bytes, snap, buf, size):
-            raise SystemExit("peer bulk transfer delivered wrong bytes")
-        for _ in range(rounds):
-            plain.append(await asyncio.to_thread(plain_tcp, snap, dest))
-            peer.append(await peer_bulk(client, dest, inflight))
+        wait_path(sock, proc)
+        return guest(sock, snap, size, threads, seed, idle=bool(install))
     finally:
-        await client.aclose()
-        dest.release()
-        buf.close()
-    p, q = statistics.median(plain), statistics.median(peer)
-    paired = statistics.median(b / a for a, b in zip(plain, peer, strict=True))
-    return {"plain_tcp_mb_s": round(p), "peer_bulk_mb_s": round(q), "ratio": round(q / p, 3),
-            "paired_ratio": round(paired, 3),
-            "plain_rounds": [round(x) for x in plain], "peer_rounds": [round(x) for x in peer],
-            "inflight": inflight, "request_bytes": REQUEST}
+        proc.wait(30)
 
 
-async def latency(snap: Path, address: tuple[str, int], size: int, background: bool, work: Path,
-                  seed: int, rate_mb_s: float = 0.0) -> dict[str, Any]:
-    sock = work / f"uffdd-{seed}.sock"
-    cfg = parse_config({
-        "listen": str(sock),
-        "sources": {"default": {"kind": "peer", "address": f"{address[0]}:{address[1]}"}},
-        "session": {"fault_around": 0, "prefetch": {"enabled": False}},
-    })
-    listener = Listener(cfg)
-    await listener.start()
-    spec = VmmSpec(socket=str(sock), snapshot=str(snap), region_sizes=[size], threads=1, vm_id="bench",
-                   seed=seed, timeout=600, start_delay=0.3 if background else 0.0)
-    vmm = VmmProcess(spec)
-    stop = asyncio.Event()
-    moved = 0
-    bg: list[asyncio.Task[None]] = []
+class Daemon:
+    """``uffdd run`` with one peer source, in its own process, for the length of the benchmark."""
+
+    def __init__(self, work: Path, name: str, address: str, session: str, source: str) -> None:
+        self.sock = work / f"{name}.sock"
+        cfg = work / f"{name}.yaml"
+        cfg.write_text(f"listen: {self.sock}\nworkers: 1\nlog: {{format: json, level: warning}}\n"
+                       f"sources: {{default: {{kind: peer, address: '{address}'{source}}}}}\n"
+                       f"session: {{{session}}}\n")
+        self.proc = subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg)],
+                                     stderr=open(work / f"{name}.log", "wb"))  # noqa: SIM115
+        wait_path(self.sock, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def summarize(rows: list[dict[str, Any]], pages: int) -> dict[str, float]:
+    return {"p50_us": statistics.median(r["p50_us"] for r in rows),
+            "p99_us": statistics.median(r["p99_us"] for r in rows),
+            "us_per_page": statistics.median(r["elapsed_s"] for r in rows) / pages * 1e6}
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    size, fsize = parse_size(args.size), parse_size(args.fault_size)
+    snap = work / "image.mem"
+    make_snapshot(snap, max(size, fsize), seed=5)
+    snap.read_bytes()  # in page cache on both sides
+    serve_args = ["--image", str(snap), "--listen", "127.0.0.1:0", "--log-level", "info"]
+    source = ""
+    if args.secret:
+        secret = work / "secret"
+        secret.write_text(os.urandom(32).hex())
+        serve_args += ["--secret-file", str(secret)]
+        source += f", secret_file: '{secret}'"
+    if args.tls:
+        tls = make_tls_files(work)
+        serve_args += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--listen",
+                       "localhost:0"]
+        source += f", tls: {{ca: '{tls.ca}'}}"
+    serve = ServeProcess(serve_args, work / "serve.log").start()
+    out: dict[str, Any] = {}
     try:
-        if background:
-            src: PeerSource | None = None
-            for _ in range(2000):
-                sessions = list(listener.sessions.values())
-                if sessions:
-                    assert isinstance(sessions[0].source, PeerSource)
-                    src = sessions[0].source
-                    break
-                await asyncio.sleep(0.005)
-            if src is None:
-                raise SystemExit("no session started")
-            image = src.size
-            scratch = [bytearray(REQUEST) for _ in range(2)]
-
-            async def pump(k: int) -> None:
-                nonlocal moved
-                off = k * REQUEST
-                while not stop.is_set():
-                    await src.prefetch(off % (image - REQUEST), memoryview(scratch[k]))
-                    moved += REQUEST
-                    if rate_mb_s:  # each of the two pumps takes half of the rate
-                        await asyncio.sleep(2 * REQUEST / (rate_mb_s * 1e6))
-                    off += 2 * REQUEST
-
-            bg = [asyncio.create_task(pump(k)) for k in range(2)]
-        t0 = time.perf_counter()
-        res: dict[str, Any] = await asyncio.to_thread(vmm.result, 600)
-        dt = time.perf_counter() - t0
+        address = f"{serve.address[0]}:{serve.address[1]}"
+        one_page = "fault_around: 0, prefetch: {enabled: false}"
+        daemons = {"demand": Daemon(work, "demand", address, one_page, source),
+                   "background": Daemon(work, "background", address, "fault_around: 0", source),
+                   "install": Daemon(work, "install", address, "", source)}
+        with floor_server(snap) as floor:
+            try:
+                out = measure(args, work, snap, size, fsize, floor, daemons)
+            finally:
+                for d in daemons.values():
+                    d.stop()
     finally:
-        stop.set()
-        for t in bg:
-            t.cancel()
-        await asyncio.gather(*bg, return_exceptions=True)
-        vmm.kill()
-        await listener.close()
-    if res.get("wrong_pages") != 0 or res.get("returncode") != 0:
-        raise SystemExit(f"latency run failed: {res}")
-    return {"p50_us": round(float(res["p50_us"]), 1), "p99_us": round(float(res["p99_us"]), 1),
-            "faults": res["touched"], "background_mb_s": round(moved / dt / 1e6) if background else 0}
+        serve.stop()
+    return out
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    size, lat_size = parse_size(args.size), parse_size(args.latency_size)
-    with tempfile.TemporaryDirectory(prefix="uffdd-bench-peer-", dir=args.workdir) as tmp:
-        work = Path(tmp)
-        snap = work / "image.mem"
-        make_snapshot(snap, max(size, lat_size), seed=5)
-        snap.read_bytes()  # in page cache on both paths
-        wrapper: tuple[str, ...] = ()
-        if args.pin:
-            # Source and destination are different hosts in real life: give the server its own CPU.
-            cpus = sorted(os.sched_getaffinity(0))
-            if len(cpus) < 2:
-                raise SystemExit("--pin needs at least 2 CPUs")
-            os.sched_setaffinity(0, set(cpus[:-1]))
-            wrapper = ("taskset", "-c", str(cpus[-1]))
-        serve = ServeProcess(["--image", str(snap), "--listen", "127.0.0.1:0", "--log-level", "info"],
-                             work / "serve.log", wrapper=wrapper)
-        await asyncio.to_thread(serve.start)
-        try:
-            b = await bulk(snap, serve.address, size, args.rounds, args.inflight)
-            idle = [await latency(snap, serve.address, lat_size, False, work, 100 + r) for r in range(args.lat_rounds)]
-            busy = [await latency(snap, serve.address, lat_size, True, work, 200 + r, args.background_rate)
-                    for r in range(args.lat_rounds)]
-        finally:
-            serve.stop()
+def measure(args: argparse.Namespace, work: Path, snap: Path, size: int, fsize: int, floor: str,
+            daemons: dict[str, Daemon]) -> dict[str, Any]:
+    rows: dict[str, list[dict[str, Any]]] = {}
 
-    def med(rows: list[dict[str, Any]], key: str) -> float:
-        return round(statistics.median(float(r[key]) for r in rows), 1)
+    def add(key: str, res: dict[str, Any]) -> None:
+        rows.setdefault(key, []).append(res)
 
-    lat = {"idle_p50_us": med(idle, "p50_us"), "idle_p99_us": med(idle, "p99_us"),
-           "background_p50_us": med(busy, "p50_us"), "background_p99_us": med(busy, "p99_us"),
-           "background_mb_s": med(busy, "background_mb_s"), "faults_per_run": idle[0]["faults"]}
-    lat["p99_ratio"] = round(lat["background_p99_us"] / lat["idle_p99_us"], 2)
-    return {"bulk": b, "latency": lat, "image_bytes": size, "cpus": os.cpu_count(), "pinned": args.pin,
-            "nice": os.nice(0)}
+    for r in range(args.rounds):
+        for vcpus in (1, 4):
+            add(f"floor-{vcpus}", floor_round(work, floor, snap, fsize, vcpus, 10 * r + vcpus))
+            add(f"uffdd-{vcpus}", guest(daemons["demand"].sock, snap, fsize, vcpus, 10 * r + vcpus))
+        add("background", guest(daemons["background"].sock, snap, fsize, 1, 100 + r))
+        add("floor-install", floor_round(work, floor, snap, size, 1, 200 + r, install=args.chunk))
+        add("uffdd-install", guest(daemons["install"].sock, snap, size, 1, 200 + r, idle=True))
+        stream = subprocess.run([str(FLOOR), "stream", "--server", floor, "--size", str(size)], check=True,
+                                capture_output=True).stdout
+        add("stream", json.loads(stream))
+    pages = fsize // 4096
+    out: dict[str, Any] = {"pages": pages, "install_bytes": size, "rounds": args.rounds,
+                           "secret": args.secret, "tls": args.tls}
+    for vcpus in (1, 4):
+        f, u = summarize(rows[f"floor-{vcpus}"], pages), summarize(rows[f"uffdd-{vcpus}"], pages)
+        out[f"demand_{vcpus}"] = {"floor": f, "uffdd": u, "ratio": {k: u[k] / f[k] for k in f}}
+    idle = summarize(rows["uffdd-1"], pages)
+    busy = summarize(rows["background"], pages)
+    out["background"] = {"idle_p99_us": idle["p99_us"], "background_p99_us": busy["p99_us"],
+                         "ratio": busy["p99_us"] / idle["p99_us"]}
+    mb = {k: [size / r["elapsed_s"] / 1e6 for r in rows[k]] for k in ("floor-install", "uffdd-install")}
+    mb["stream"] = [r["mb_s"] for r in rows["stream"]]
+    med = {k: statistics.median(v) for k, v in mb.items()}
+    out["install"] = {"mb_s": med, "rounds": {k: [round(x) for x in v] for k, v in mb.items()},
+                      "ratio_floor": med["uffdd-install"] / med["floor-install"],
+                      "ratio_stream": med["uffdd-install"] / med["stream"]}
+    return out
+
+
+def report(s: dict[str, Any], args: argparse.Namespace) -> None:
+    auth = ", shared secret" if s["secret"] else ""
+    auth += ", TLS" if s["tls"] else ""
+    print(f"post-copy over loopback{auth}: uffdd serve + uffdd run against the C floor, {s['rounds']} alternating "
+          "rounds, medians")
+    print(f"demand faults, one page per fault, {s['pages']} pages touched in random order")
+    for vcpus in (1, 4):
+        d = s[f"demand_{vcpus}"]
+        label = f"{vcpus} vCPU{'s' if vcpus > 1 else ' '}"
+        for who in ("floor", "uffdd"):
+            x = d[who]
+            print(f"  {label} {who:6s} p50 {x['p50_us']:8.1f} us  p99 {x['p99_us']:8.1f} us"
+                  f"  {x['us_per_page']:7.1f} us/page")
+        r = d["ratio"]
+        print(f"  {label} uffdd / floor: p50 {r['p50_us']:.2f}x  p99 {r['p99_us']:.2f}x"
+              f"  time per page {r['us_per_page']:.2f}x")
+    b = s["background"]
+    print(f"demand faults with background pre-paging (1 vCPU): p99 {b['background_p99_us']:.1f} us against "
+          f"{b['idle_p99_us']:.1f} us without: {b['ratio']:.2f}x")
+    i = s["install"]
+    print(f"installing an idle {s['install_bytes'] >> 20} MiB guest, MB/s of guest memory")
+    for k, label in (("stream", "raw TCP stream into a memfd"), ("floor-install", f"C floor ({args.chunk >> 10} KiB "
+                     "requests)"), ("uffdd-install", "uffdd, default settings")):
+        print(f"  {label:34s} {i['mb_s'][k]:8.0f}  {i['rounds'][k]}")
+    print(f"  uffdd / floor: {i['ratio_floor']:.2f}x   uffdd / raw stream: {i['ratio_stream']:.2f}x")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="256M", help="bytes moved per bulk round (default 256M)")
-    ap.add_argument("--rounds", type=int, default=7, help="bulk rounds, alternating plain/peer (default 7)")
-    ap.add_argument("--inflight", type=int, default=4, help="bulk READs of 4 MiB in flight (default 4)")
-    ap.add_argument("--latency-size", default="32M", help="guest size for the fault-latency runs (default 32M)")
-    ap.add_argument("--lat-rounds", type=int, default=3, help="latency runs per condition (default 3)")
-    ap.add_argument("--background-rate", type=float, default=0.0,
-                    help="cap the background prefetch at this many MB/s (default 0: as fast as it goes)")
-    ap.add_argument("--workdir", default="/var/tmp" if os.path.isdir("/var/tmp") else None,
-                    help="where the image is written (default /var/tmp: on disk, then in page cache)")
-    ap.add_argument("--pin", action="store_true",
-                    help="run uffdd serve on the last CPU and everything else on the others (two hosts in one)")
-    ap.add_argument("--nice", type=int, default=0,
-                    help="run the benchmark (and all it starts) at this nice value, e.g. -10 on a shared box")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a report")
+    ap.add_argument("--size", default="256M", help="idle guest installed per round (default 256M)")
+    ap.add_argument("--fault-size", default="32M", help="guest whose every page faults (default 32M)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--chunk", type=parse_size, default=1 << 20, help="the floor's install request size (1M)")
+    ap.add_argument("--secret", action="store_true", help="with a shared secret (authenticated page data)")
+    ap.add_argument("--tls", action="store_true", help="over TLS")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if args.nice:
-        os.nice(args.nice)  # children inherit it: server, plain sender, stand-in VMM
-    logs.configure("json", "error")
-    summary = uvloop.run(run(args))
+    subprocess.run(["make", "-s", "-C", str(BENCH)], check=True)
+    with tempfile.TemporaryDirectory(prefix="uffdd-bench-peer-", dir="/var/tmp") as tmp:
+        summary = run(args, Path(tmp))
     if args.json:
         print(json.dumps(summary))
-        return 0
-    b, lat = summary["bulk"], summary["latency"]
-    print(f"bulk over loopback, {summary['image_bytes'] >> 20} MiB per round, {args.rounds} alternating rounds, "
-          f"{summary['cpus']} CPUs")
-    print(f"  plain TCP stream (sendfile -> recv_into): {b['plain_tcp_mb_s']:>6} MB/s  {b['plain_rounds']}")
-    print(f"  peer bulk connection ({b['inflight']} x 4 MiB READs): {b['peer_bulk_mb_s']:>6} MB/s  {b['peer_rounds']}")
-    print(f"  ratio peer / plain: {b['ratio']:.2f} of medians, {b['paired_ratio']:.2f} median of round pairs "
-          "(goal >= 0.5)")
-    print(f"demand faults over loopback, 1 vCPU, {lat['faults_per_run']} faults per run, median of "
-          f"{args.lat_rounds} runs (as the vCPU sees them)")
-    print(f"  idle:                    p50 {lat['idle_p50_us']:>7.1f} us   p99 {lat['idle_p99_us']:>7.1f} us")
-    print(f"  with background prefetch: p50 {lat['background_p50_us']:>7.1f} us   "
-          f"p99 {lat['background_p99_us']:>7.1f} us   ({lat['background_mb_s']:.0f} MB/s of prefetch meanwhile)")
-    print(f"  p99 ratio background / idle: {lat['p99_ratio']:.2f} (goal <= 3)")
+    else:
+        report(summary, args)
     return 0
 
 

@@ -47,7 +47,7 @@ def daemon_config(tmp_path: Path, snap: Path, link: Link, secret_file: Path, **s
 async def test_256mib_guest_from_another_namespace_survives_two_link_cuts(
         tmp_path: Path, snapshot_256m: Path) -> None:
     secret = tmp_path / "peer.secret"
-    secret.write_text("a shared secret for the namespace test\n")
+    secret.write_text("a shared secret for the namespace test: 7Hq#Lm2@Vx5!Tz9&\n")
     with veth_namespace() as link:
         note_delay(link)
         serve = ServeProcess(["--image", str(snapshot_256m), "--listen", f"{link.ns_ip}:7447",
@@ -98,7 +98,7 @@ async def test_non_loopback_serve_requires_a_secret_and_authenticates_clients(tm
         finally:
             open_serve.stop()
         secret = tmp_path / "s"
-        secret.write_text("0123456789abcdef0123\n")
+        secret.write_text("another namespace secret: 4Kp@Zq8!Rm3#Wx6&\n")
         serve = ServeProcess(["--image", str(snap), "--listen", f"{link.ns_ip}:7447", "--secret-file", str(secret)],
                              tmp_path / "b.log", netns=link.ns).start()
         try:

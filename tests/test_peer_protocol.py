@@ -172,7 +172,10 @@ def test_a_flipped_payload_or_crc_is_reported_as_bad_never_as_good(kind: str) ->
 
 BAD_RESPONSES: list[tuple[str, bytes, p.ErrorCode]] = [
     ("unknown-type", struct.pack("<BBHIQII", 0x55, 0, 0, 0, 0, 0, 0), p.ErrorCode.UNKNOWN_TYPE),
-    ("flags-set", struct.pack("<BBHIQII", p.FrameType.PONG, 1, 0, 0, 0, 0, 0), p.ErrorCode.BAD_FRAME),
+    ("undefined-flag", struct.pack("<BBHIQII", p.FrameType.PONG, 2, 0, 0, 0, 0, 0), p.ErrorCode.BAD_FRAME),
+    ("tagged-without-room", struct.pack("<BBHIQII", p.FrameType.PONG, 1, 0, 0, 0, 0, 0), p.ErrorCode.BAD_LENGTH),
+    ("tagged-without-keys", struct.pack("<BBHIQII", p.FrameType.PONG, 1, 0, 0, 0, 16, 0) + bytes(16),
+     p.ErrorCode.BAD_FRAME),
     ("oversized-control", struct.pack("<BBHIQII", p.FrameType.ERROR, 0, 0, 0, 0, 1 << 30, 1), p.ErrorCode.BAD_LENGTH),
     ("wrong-id", p.header(p.FrameType.DATA, id=99, offset=0, count=1, length=8 + BS), p.ErrorCode.BAD_ID),
     ("wrong-offset", p.header(p.FrameType.DATA, id=1, offset=BS, count=1, length=8 + BS), p.ErrorCode.OUT_OF_RANGE),

@@ -8,6 +8,8 @@ import contextlib
 import os
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from uffdd.configbase import join_hostport
 from uffdd.errors import SourceError, SourceUnavailable
@@ -28,7 +31,7 @@ from uffdd.peer.testing import TlsFiles, make_tls_files
 from uffdd.testing.waiting import eventually
 
 BS = p.BLOCK_SIZE
-SECRET = b"correct horse battery staple"
+SECRET = b"uffdd test secret: 9c2F!k7Q#vL0pX4r&Wm8"
 WAIT = 10.0
 
 
@@ -175,7 +178,7 @@ async def test_wrong_client_proof_is_refused_with_auth_failed(snapshot_4k: Path)
 
 
 @pytest.mark.parametrize(("client_secret", "server_secret", "needle"), [
-    (b"not the right secret at all", SECRET, "does not know our shared secret"),
+    (b"not the right secret at all: Rj4#Wk9@Qm2!Xz7&", SECRET, "does not know our shared secret"),
     (None, SECRET, "requires a shared secret"),
     (SECRET, None, "does not authenticate"),
 ], ids=["wrong-secret", "no-secret", "server-without-auth"])
@@ -433,3 +436,34 @@ async def test_bulk_bytes_are_rationed_while_a_demand_fill_waits_and_never_starv
         finally:
             await c.aclose()
             await relay.close()
+
+
+@pytest.mark.parametrize(("secret", "why"), [
+    ("0123456789abcdef0123", "bytes"),
+    ("passwordpasswordpasswordpassword", "different characters"),
+    ("correct horse battery staple, correct horse", "different characters"),
+], ids=["short", "repeated-word", "padded-phrase"])
+def test_weak_shared_secrets_are_refused_with_the_reason(tmp_path: Path, secret: str, why: str) -> None:
+    from uffdd.errors import ConfigError
+    from uffdd.peer.config import PeerLinkConfig, read_secret
+
+    with pytest.raises(ValidationError, match=f"secret: the shared secret is too weak: .*{why}.*uffdd secret"):
+        PeerLinkConfig(address="10.0.0.5:7447", secret=secret)
+    path = tmp_path / "secret"
+    path.write_text(secret + "\n")
+    with pytest.raises(ConfigError, match=f"sources.x.secret_file: the shared secret is too weak: .*{why}"):
+        read_secret(None, str(path), "sources.x")
+
+
+def test_uffdd_secret_makes_secrets_that_pass_the_check_and_are_never_the_same(tmp_path: Path) -> None:
+    from uffdd.peer.config import read_secret
+
+    made = [subprocess.run([sys.executable, "-m", "uffdd", "secret"], check=True, capture_output=True,
+                           text=True).stdout.strip() for _ in range(3)]
+    assert len(set(made)) == 3
+    out = tmp_path / "s"
+    subprocess.run([sys.executable, "-m", "uffdd", "secret", "-o", str(out)], check=True)
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert read_secret(None, str(out), "serve") == out.read_bytes().strip()
+    again = subprocess.run([sys.executable, "-m", "uffdd", "secret", "-o", str(out)], capture_output=True)
+    assert again.returncode == 1  # an existing file is never overwritten

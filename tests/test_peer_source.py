@@ -177,6 +177,33 @@ async def test_corrupted_pages_are_refetched_and_never_installed(tmp_path: Path,
     assert src.stats.checksum_failures == len(tamper.flipped)
 
 
+async def test_a_relay_that_rewrites_pages_and_their_checksums_is_caught_by_the_tags(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    """An attacker on the path who passes the handshake through and rewrites page data, crc and
+    all: with a shared secret every frame carries a tag, so the rewritten frames fail it, the
+    link is reported as tampered and re-established, and not one wrong byte reaches the guest."""
+    secret = os.urandom(32).hex()
+    targets = {off: 2 for off in (0, 9 * 4096, 700 * 4096, 1500 * 4096)}
+    tamper = DataTamperer(targets, recompute=True)
+    async with peer_server(snapshot_4k, secret=secret.encode(), compression=False) as server:
+        relay = Relay(*server.address, downstream_editor=lambda: tamper)
+        addr = await relay.start()
+        try:
+            cfg = peer_config(tmp_path, snapshot_4k, addr, secret=secret)
+            with structlog.testing.capture_logs() as logs:
+                async with running_daemon(cfg, snapshot_4k) as d:
+                    vmm = d.start_vmm(region_sizes=[8 * MIB], threads=4)
+                    src = peer_source(await first_session(d.listener))
+                    res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
+        finally:
+            await relay.close()
+    assert_all_correct(res)  # every rewritten page was refused, then fetched again
+    assert len(tamper.flipped) == 8
+    assert src.stats.tampered == len(tamper.flipped) and src.stats.checksum_failures == 0
+    assert src.stats.reconnects >= len(tamper.flipped)
+    assert sum(e["event"] == "peer_link_tampered" and e["log_level"] == "error" for e in logs) == 8
+
+
 HOSTILE_SERVER: list[tuple[str, bytes]] = [
     ("short", p.header(p.FrameType.PONG)[:9]),  # a header cut short, the stream goes on: garbage follows
     ("oversized", struct.pack("<BBHIQII", p.FrameType.ERROR, 0, 0, 0, 0, 1 << 31, 1)),
@@ -303,8 +330,8 @@ async def test_vmm_handshake_is_refused_with_the_reason_when_the_source_cannot_b
         res = await d.run_vmm(region_sizes=[1 * MIB])
         assert res["stage"] == "handshake"
         assert "not reachable within 0.5s" in res["error"] and "111" in res["error"]  # ECONNREFUSED, named
-    async with peer_server(snapshot_4k, secret=b"the server's own secret") as server:
-        cfg = peer_config(tmp_path, snapshot_4k, server.address, secret="a different secret!")
+    async with peer_server(snapshot_4k, secret=b"the server's own secret: Hq8#Lm2@Vx5!Tz9&Rp4") as server:
+        cfg = peer_config(tmp_path, snapshot_4k, server.address, secret="a different one, 3fK!w8Zq@Lr5#Nv2&Ty7")
         async with running_daemon(cfg, snapshot_4k) as d:
             res = await d.run_vmm(region_sizes=[1 * MIB])
             assert res["stage"] == "handshake" and "shared secret" in res["error"]

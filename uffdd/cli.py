@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -115,6 +116,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return int(uvloop.run(run_serve(config)))
 
 
+def _cmd_secret(args: argparse.Namespace) -> int:
+    """Print (or write, readable by the owner only) a strong shared secret for a peer link."""
+    from uffdd.peer.config import make_secret
+
+    secret = make_secret()
+    if args.output is None:
+        print(secret)
+        return 0
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        print(f"uffdd secret: cannot create {args.output}: {exc.strerror} (it must not exist yet)", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from uffdd.config import load_config
 
@@ -215,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-q", "--quiet", action="store_true", help="print nothing: exit 0 if the daemon answers")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     st.set_defaults(func=_cmd_status)
+    sec = sub.add_parser("secret", help="make a strong shared secret for `uffdd serve` and `kind: peer`")
+    sec.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (mode 0600, must not exist) "
+                     "instead of printing it")
+    sec.set_defaults(func=_cmd_secret)
     v = sub.add_parser("validate", help="check a config file and exit")
     v.add_argument("-c", "--config", required=True)
     v.set_defaults(func=_cmd_validate)

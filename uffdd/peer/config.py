@@ -6,7 +6,9 @@ like the daemon's: unknown keys and wrong types are refused with the key and the
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import math
 import os
 import ssl
 from pathlib import Path
@@ -19,7 +21,10 @@ from uffdd.configbase import StrictModel, parse_hostport, read_yaml, validate
 from uffdd.errors import ConfigError
 
 DEFAULT_PORT = 7447
-MIN_SECRET = 16
+MIN_SECRET = 32
+"""Bytes a shared secret needs at least (`uffdd secret` makes 44 from 32 random bytes)."""
+MIN_SECRET_BITS = 128
+MIN_SECRET_CHARS = 16
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -43,20 +48,55 @@ def check_files(**paths: str | None) -> None:
             raise ValueError(f"{key}: cannot read {path}")
 
 
-def read_secret(secret: str | None, secret_file: str | None, where: str) -> bytes | None:
-    """The shared secret as bytes (a file's trailing newline is not part of it)."""
-    if secret is not None:
-        return secret.encode()
-    if secret_file is None:
-        return None
-    try:
-        data = Path(secret_file).read_bytes().rstrip(b"\r\n")
-    except OSError as exc:
-        raise ConfigError(f"{where}.secret_file: cannot read {secret_file}: {exc.strerror}") from None
+def secret_weakness(data: bytes) -> str | None:
+    """Why ``data`` is too weak to be a shared secret, or None.
+
+    What one captured handshake gives an eavesdropper is an HMAC of the secret: enough to test
+    guesses offline, as fast as HMAC goes. Only a secret with at least 128 bits of randomness
+    makes that hopeless, so a secret must be long, and drawn from enough different characters
+    that it cannot be a word repeated or a short phrase padded (an estimate: the size of the
+    character classes it uses, to the power of its length, must reach 2**128)."""
     if len(data) < MIN_SECRET:
-        raise ConfigError(f"{where}.secret_file: {secret_file} holds {len(data)} bytes; at least {MIN_SECRET} bytes "
-                          "are needed (e.g. head -c 32 /dev/urandom | base64 > FILE)")
+        return f"it has {len(data)} bytes; at least {MIN_SECRET} are needed"
+    distinct = len(set(data))
+    if distinct < MIN_SECRET_CHARS:
+        return f"it uses only {distinct} different characters; at least {MIN_SECRET_CHARS} are needed"
+    classes = [any(c in data for c in b"abcdefghijklmnopqrstuvwxyz") * 26,
+               any(c in data for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ") * 26,
+               any(c in data for c in b"0123456789") * 10,
+               any(32 <= c < 127 and not chr(c).isalnum() for c in data) * 33,
+               any(c < 32 or c >= 127 for c in data) * 161]
+    bits = len(data) * math.log2(max(sum(classes), 2))
+    if bits < MIN_SECRET_BITS:
+        return f"it holds about {bits:.0f} bits of randomness; at least {MIN_SECRET_BITS} are needed"
+    return None
+
+
+SECRET_HINT = "make one with `uffdd secret -o FILE`"
+
+
+def read_secret(secret: str | None, secret_file: str | None, where: str) -> bytes | None:
+    """The shared secret as bytes (a file's trailing newline is not part of it), checked for strength."""
+    if secret is not None:
+        data = secret.encode()
+        key = f"{where}.secret"
+    elif secret_file is None:
+        return None
+    else:
+        key = f"{where}.secret_file"
+        try:
+            data = Path(secret_file).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read {secret_file}: {exc.strerror}") from None
+    weak = secret_weakness(data)
+    if weak is not None:
+        raise ConfigError(f"{key}: the shared secret is too weak: {weak} ({SECRET_HINT})")
     return data
+
+
+def make_secret() -> str:
+    """A shared secret of 256 random bits, base64: what `uffdd secret` prints."""
+    return base64.b64encode(os.urandom(32)).decode()
 
 
 class _SecretMixin(StrictModel):
@@ -68,8 +108,8 @@ class _SecretMixin(StrictModel):
     def _one_secret(self) -> Any:
         if self.secret is not None and self.secret_file is not None:
             raise ValueError("give secret or secret_file, not both")
-        if self.secret is not None and len(self.secret.encode()) < MIN_SECRET:
-            raise ValueError(f"secret: at least {MIN_SECRET} bytes are needed")
+        if self.secret is not None and (weak := secret_weakness(self.secret.encode())):
+            raise ValueError(f"secret: the shared secret is too weak: {weak} ({SECRET_HINT})")
         check_files(secret_file=self.secret_file)
         return self
 

@@ -50,6 +50,8 @@ class ServerStats:
     protocol_errors: dict[str, int] = field(default_factory=dict)
     reads: int = 0
     read_errors: int = 0
+    tampered: int = 0
+    """Connections dropped because a frame failed its tag (someone on the path changed it)."""
     blocks_raw: int = 0
     blocks_zero: int = 0
     blocks_lz4: int = 0
@@ -98,6 +100,8 @@ class ServerConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.last_rx = self._loop.time()
         self.counts = p.BlockCounts()
+        self.sealer: p.Sealer | None = None
+        """Tags what we send once the client is authenticated (:mod:`uffdd.peer.protocol.seal`)."""
         self._ring: list[bytearray] = []
         self._ring_next = 0
         self._log = log
@@ -155,11 +159,13 @@ class ServerConnection(asyncio.Protocol):
             return
         self.last_rx = self._loop.time()
         try:
-            for frame in self.decoder.feed(data):
+            for frame in self.decoder.frames(data):  # one at a time: AUTH turns tags on for what follows
                 self._handle(frame)
                 if self.state == _CLOSING:
                     return
         except p.ProtocolError as exc:
+            if exc.code is p.ErrorCode.TAMPERED:
+                self.server.stats.tampered += 1
             self.fail(exc)
 
     def eof_received(self) -> bool | None:
@@ -184,7 +190,7 @@ class ServerConnection(asyncio.Protocol):
         if t is None:
             return
         with contextlib.suppress(Exception):
-            t.write(p.encode_error(exc.code, exc.message))
+            t.write(p.encode_error(exc.code, exc.message, sealer=self.sealer))
         t.close()
         # A client that does not read would keep close() waiting for the flush: cut it short.
         self._loop.call_later(CLOSE_GRACE_S, t.abort)
@@ -216,7 +222,7 @@ class ServerConnection(asyncio.Protocol):
             if self.state != _READY:
                 raise p.ProtocolError(p.ErrorCode.BAD_STATE, "PING before the handshake completed")
             assert self.transport is not None
-            self.transport.write(p.header(p.FrameType.PONG, id=f.id))
+            self.transport.write(p.encode_frame(p.FrameType.PONG, id=f.id, sealer=self.sealer))
         elif t is p.FrameType.HELLO:
             if self.state != _HELLO:
                 raise p.ProtocolError(p.ErrorCode.BAD_STATE, "HELLO sent twice")
@@ -258,6 +264,10 @@ class ServerConnection(asyncio.Protocol):
                 raise p.ProtocolError(p.ErrorCode.AUTH_REQUIRED, "this server requires the shared secret")
             if not p.proofs_equal(f.payload, p.client_proof(secret, self.hello, self.challenge_core)):
                 raise p.ProtocolError(p.ErrorCode.AUTH_FAILED, "wrong shared secret")
+            # From here on every frame carries a tag, under keys bound to this very exchange.
+            c2s, s2c = p.session_keys(secret, self.hello, self.challenge_core, f.payload)
+            self.decoder.opener = p.Opener(c2s)
+            self.sealer = p.Sealer(s2c)
         image = self.server.images.get(self.image_name)
         if image is None:
             known = ", ".join(sorted(self.server.images)) or "none"
@@ -271,7 +281,7 @@ class ServerConnection(asyncio.Protocol):
         w = p.Welcome(image.size, p.BLOCK_SIZE, self.limits.max_blocks, self.limits.max_inflight,
                       p.FEATURE_LZ4 if self.compressor.enabled else 0, image.image_id)
         assert self.transport is not None
-        self.transport.write(p.encode_frame(p.FrameType.WELCOME, w.encode()))
+        self.transport.write(p.encode_frame(p.FrameType.WELCOME, w.encode(), sealer=self.sealer))
         self._log = self._log.bind(image=image.name, role=self.role.name.lower())
         self._log.info("peer_connected")
 
@@ -301,7 +311,7 @@ class ServerConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.write(p.encode_error(
                 p.ErrorCode.OUT_OF_RANGE, f"{f.offset:#x}+{length:#x} is not in a region of image {image.name!r}",
-                id=f.id))
+                id=f.id, sealer=self.sealer))
             return
         if (self.role is p.Role.URGENT and f.count <= CHUNK_BLOCKS and not self.paused
                 and not self.small and not self.large):
@@ -338,13 +348,13 @@ class ServerConnection(asyncio.Protocol):
         self._log.error("image_read_failed", offset=req.offset, blocks=req.count, error=str(exc))
         self.inflight.discard(req.id)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(p.encode_error(p.ErrorCode.IO_ERROR, str(exc), id=req.id))
+            self.transport.write(p.encode_error(p.ErrorCode.IO_ERROR, str(exc), id=req.id, sealer=self.sealer))
 
     def _send(self, req: _Req, data: bytearray | memoryview) -> None:
         t = self.transport
         if t is None or t.is_closing():  # uvloop refuses writes once it closed the transport
             return
-        t.writelines(p.encode_data(req.id, req.offset, memoryview(data), self.compressor, self.counts))
+        t.writelines(p.encode_data(req.id, req.offset, memoryview(data), self.compressor, self.counts, self.sealer))
 
     async def _pump(self) -> None:
         """Serve queued READs: small ones first, large ones one chunk at a time in between."""

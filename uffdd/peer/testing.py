@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from crc32c import crc32c
 
 from uffdd.peer import protocol as p
 
@@ -117,9 +120,12 @@ def make_tls_files(directory: Path, server_name: str = "localhost", ip: str = "1
 
 class DataTamperer:
     """Edits a server -> client byte stream: flips one byte in the payload of raw blocks at the
-    chosen image offsets, ``times`` times each, leaving the framing (and the crcs) intact."""
+    chosen image offsets, ``times`` times each, leaving the framing intact. With ``recompute``
+    it also rewrites those blocks' crc32c, as an attacker on the path would: only a tag can
+    tell then."""
 
-    def __init__(self, offsets: dict[int, int]) -> None:
+    def __init__(self, offsets: dict[int, int], *, recompute: bool = False) -> None:
+        self.recompute = recompute
         self.remaining = dict(offsets)
         self.flipped: list[int] = []
         self._buf = bytearray()
@@ -147,6 +153,9 @@ class DataTamperer:
             if enc == p.Encoding.RAW and self.remaining.get(off, 0) > 0:
                 self.remaining[off] -= 1
                 frame[pos + 100] ^= 0x5A
+                if self.recompute:
+                    crc = crc32c(bytes(frame[pos : pos + p.BLOCK_SIZE]))
+                    struct.pack_into("<I", frame, p.HEADER_SIZE + i * p.DESC_SIZE, crc)
                 self.flipped.append(off)
             pos += stored
 

@@ -163,6 +163,7 @@ _PEER_COUNTERS = {
     "requests_resent": "Page requests sent again after a reconnect",
     "checksum_failures": "Pages whose checksum failed (fetched again, never installed)",
     "protocol_errors": "Malformed frames from the source host (connection dropped)",
+    "tampered": "Frames whose tag failed: the link was tampered with (connection dropped, nothing installed)",
     "link_losses": "Links to the source host lost",
 }
 

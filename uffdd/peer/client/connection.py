@@ -80,6 +80,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._since_yield = 0
         self._held = False
         self._valve: asyncio.TimerHandle | None = None
+        self.sealer: p.Sealer | None = None
+        """Tags what we send once the connection is authenticated (:mod:`uffdd.peer.protocol.seal`)."""
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,6 +106,10 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.reader.buffer_updated(nbytes)
         except p.ProtocolError as exc:
             self.channel.stats.protocol_errors += 1
+            if exc.code is p.ErrorCode.TAMPERED:
+                self.channel.stats.tampered += 1
+                log.error("peer_link_tampered", channel=self.channel.name, error=exc.message,
+                          hint="a frame failed its tag: the link is reconnected, nothing it carried is installed")
             self.abort(f"protocol error from server: {exc}", send=exc)
             return
         if self._yield_every:
@@ -176,7 +182,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if t is not None:
             if send is not None:
                 with contextlib.suppress(Exception):
-                    t.write(p.encode_error(send.code, send.message))
+                    t.write(p.encode_error(send.code, send.message, sealer=self.sealer if self.ready else None))
             t.abort()
 
     # -- ReaderHandler ---------------------------------------------------------------------
@@ -234,8 +240,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         ch = self.channel
         opts = ch.opts
         assert self.transport is not None
-        hello = p.Hello(ch.role, p.FEATURE_LZ4 if opts.config.compression else 0, os.urandom(p.NONCE_SIZE),
-                        opts.image).encode()
+        # lz4 only for prefetch: a demand fault's page is not worth a compression probe.
+        lz4 = opts.config.compression and ch.role is p.Role.BULK
+        hello = p.Hello(ch.role, p.FEATURE_LZ4 if lz4 else 0, os.urandom(p.NONCE_SIZE), opts.image).encode()
         self.transport.write(p.encode_frame(p.FrameType.HELLO, hello))
         challenge = p.Challenge.decode((await self._next(p.FrameType.CHALLENGE)).payload)
         core = challenge.core()
@@ -257,12 +264,23 @@ class ClientConnection(asyncio.BufferedProtocol):
                                   "a secret is configured but the server does not authenticate: refusing it")
             proof = p.NO_PROOF
         self.transport.write(p.encode_frame(p.FrameType.AUTH, proof))
-        welcome = p.Welcome.decode((await self._next(p.FrameType.WELCOME)).payload)
-        if welcome.features & p.FEATURE_LZ4 and not opts.config.compression:
+        opener = None
+        if opts.secret is not None:
+            # From here on every frame carries a tag, under keys bound to this very exchange.
+            c2s, s2c = p.session_keys(opts.secret, hello, core, proof)
+            self.sealer, opener = p.Sealer(c2s), p.Opener(s2c)
+            self.reader.opener = opener
+        frame = await self._next(p.FrameType.WELCOME)
+        if opener is not None and not frame.tagged:
+            raise p.ProtocolError(p.ErrorCode.TAMPERED, "WELCOME came without its tag")
+        welcome = p.Welcome.decode(frame.payload)
+        if welcome.features & p.FEATURE_LZ4 and not lz4:
             raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "server granted lz4, which we did not ask for")
         self.reader = p.ResponseReader(self, lz4=bool(welcome.features & p.FEATURE_LZ4),
                                        max_blocks=min(welcome.max_blocks, MAX_CLIENT_BLOCKS),
                                        max_read=BULK_SLICE if ch.role is p.Role.BULK else 1 << 62)
+        self.reader.opener = opener
+        self.reader.require_tags = opener is not None
         self.ready = True
         self.last_rx = self.loop.time()
         self._ka = self.loop.call_later(opts.config.keepalive, self._keepalive)
@@ -279,7 +297,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.abort(f"nothing received for {silent:.1f}s")
             return
         self._ping = (self._ping + 1) & 0xFFFFFFFF
-        self.transport.write(p.header(p.FrameType.PING, id=self._ping))
+        self.transport.write(p.encode_frame(p.FrameType.PING, id=self._ping, sealer=self.sealer))
         self._ka = self.loop.call_later(opts.config.keepalive, self._keepalive)
 
     @property
@@ -290,5 +308,5 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def send_read(self, req: Request) -> None:
         assert self.transport is not None
-        self.transport.write(p.encode_read(req.id, req.offset, req.count))
+        self.transport.write(p.encode_read(req.id, req.offset, req.count, sealer=self.sealer))
 

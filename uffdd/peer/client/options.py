@@ -63,6 +63,8 @@ class PeerStats:
     requests_resent: int = 0
     checksum_failures: int = 0
     protocol_errors: int = 0
+    tampered: int = 0
+    """Connections dropped because a frame failed its tag: someone on the path changed it."""
     request_errors: int = 0
     unreachable: int = 0
     outage_seconds: float = 0.0

@@ -31,6 +31,7 @@ from uffdd.peer.protocol.frames import (
     DESC,
     DESC_SIZE,
     FEATURE_LZ4,
+    FLAG_TAGGED,
     HEADER,
     HEADER_SIZE,
     HELLO,
@@ -43,6 +44,7 @@ from uffdd.peer.protocol.frames import (
     NONCE_SIZE,
     PROOF_SIZE,
     SERVER_ACCEPTS,
+    TAG_SIZE,
     VERSION,
     WELCOME,
     ZERO_BLOCK,
@@ -60,6 +62,7 @@ from uffdd.peer.protocol.frames import (
     encode_frame,
     encode_read,
     error_code,
+    frame_pieces,
     header,
 )
 from uffdd.peer.protocol.messages import (
@@ -77,6 +80,11 @@ from uffdd.peer.protocol.reader import (
     Target,
     feed_reader,
 )
+from uffdd.peer.protocol.seal import (
+    Opener,
+    Sealer,
+    session_keys,
+)
 
 __all__ = [
     "AUTH",
@@ -88,6 +96,7 @@ __all__ = [
     "DESC_SIZE",
     "DISCARD_SIZE",
     "FEATURE_LZ4",
+    "FLAG_TAGGED",
     "HEADER",
     "HEADER_SIZE",
     "HELLO",
@@ -101,6 +110,7 @@ __all__ = [
     "NO_PROOF",
     "PROOF_SIZE",
     "SERVER_ACCEPTS",
+    "TAG_SIZE",
     "VERSION",
     "WELCOME",
     "ZERO_BLOCK",
@@ -116,10 +126,12 @@ __all__ = [
     "FrameType",
     "Hello",
     "Limits",
+    "Opener",
     "ProtocolError",
     "ReaderHandler",
     "ResponseReader",
     "Role",
+    "Sealer",
     "Target",
     "Welcome",
     "check_header",
@@ -130,7 +142,9 @@ __all__ = [
     "encode_read",
     "error_code",
     "feed_reader",
+    "frame_pieces",
     "header",
     "proofs_equal",
     "server_proof",
+    "session_keys",
 ]

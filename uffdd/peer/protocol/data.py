@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+from array import array
 from dataclasses import dataclass
+from types import ModuleType
 
 import lz4.block  # type: ignore[import-untyped]
 from crc32c import crc32c
@@ -10,14 +13,22 @@ from crc32c import crc32c
 from uffdd.peer.protocol.frames import (
     BLOCK_SHIFT,
     BLOCK_SIZE,
-    HEADER,
+    LITTLE_ENDIAN,
     RAW_HI,
     ZERO_BLOCK,
     ZERO_CRC,
     Encoding,
     FrameType,
+    Piece,
+    Tagger,
+    frame_pieces,
     u64_table,
 )
+
+try:
+    _wire: ModuleType | None = importlib.import_module("uffdd.peer._wire")
+except ImportError:  # built without a C compiler
+    _wire = None
 
 LZ4_WORTH_IT = BLOCK_SIZE - BLOCK_SIZE // 8
 """A compressed block is sent only if it saves at least an eighth of the block."""
@@ -57,12 +68,24 @@ class BlockCounts:
 
 
 
+def block_crcs(data: memoryview) -> list[int]:
+    """The crc32c of each 4 KiB block of ``data``."""
+    if _wire is not None:
+        raw = array("I")
+        raw.frombytes(_wire.crc32c_blocks(data))
+        if not LITTLE_ENDIAN:
+            raw.byteswap()
+        return raw.tolist()
+    return [crc32c(data[a : a + BLOCK_SIZE]) for a in range(0, len(data), BLOCK_SIZE)]
+
+
 def encode_data(req_id: int, offset: int, data: memoryview, compressor: Compressor,
-                counts: BlockCounts | None = None) -> list[bytes | memoryview]:
-    """One DATA frame for ``data`` (whole blocks read at ``offset``): header + table, then the
-    payload pieces. Raw runs are slices of ``data`` (no copy); zero blocks carry no payload."""
+                counts: BlockCounts | None = None, sealer: Tagger | None = None) -> list[Piece]:
+    """One DATA frame for ``data`` (whole blocks read at ``offset``): header, table, the payload
+    pieces and, with a ``sealer``, the tag. Raw runs are slices of ``data`` (no copy); zero
+    blocks carry no payload."""
     n = len(data) >> BLOCK_SHIFT
-    crcs = [crc32c(data[a : a + BLOCK_SIZE]) for a in range(0, n << BLOCK_SHIFT, BLOCK_SIZE)]
+    crcs = block_crcs(data)
     if compressor.enabled and compressor.probing:
         compressor.try_compress(data[:BLOCK_SIZE])  # one probe per frame; a hit ends the probing
     compress = compressor.enabled and not compressor.probing
@@ -72,10 +95,9 @@ def encode_data(req_id: int, offset: int, data: memoryview, compressor: Compress
         if counts is not None:
             counts.raw += n
             counts.payload_bytes += n << BLOCK_SHIFT
-        return [HEADER.pack(FrameType.DATA, 0, n, req_id, offset, len(table) + (n << BLOCK_SHIFT), 0) + table,
-                data]
+        return frame_pieces(FrameType.DATA, [table, data], id=req_id, offset=offset, count=n, sealer=sealer)
     descs: list[int] = []
-    pieces: list[bytes | memoryview] = [b""]
+    pieces: list[Piece] = []
     run_start = -1
     payload = 0
     nraw = nzero = nlz4 = 0
@@ -108,11 +130,10 @@ def encode_data(req_id: int, offset: int, data: memoryview, compressor: Compress
     if run_start >= 0:
         pieces.append(data[run_start:])
     table = u64_table(descs)
-    pieces[0] = HEADER.pack(FrameType.DATA, 0, n, req_id, offset, len(table) + payload, 0) + table
     if counts is not None:
         counts.raw += nraw
         counts.zero += nzero
         counts.lz4 += nlz4
         counts.payload_bytes += payload
-    return pieces
+    return frame_pieces(FrameType.DATA, [table, *pieces], id=req_id, offset=offset, count=n, sealer=sealer)
 

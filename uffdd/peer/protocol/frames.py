@@ -11,17 +11,22 @@ import sys
 from array import array
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Protocol
 
 from crc32c import crc32c
 
 MAGIC = b"UFPD"
-VERSION = 1
+VERSION = 2
+"""2: frames of an authenticated connection carry a tag (:mod:`.seal`)."""
 BLOCK_SIZE = 4096
 BLOCK_SHIFT = 12
 
 HEADER = struct.Struct("<BBHIQII")
 """type u8, flags u8, count u16, id u32, offset u64, length u32, aux u32 (little endian)."""
 HEADER_SIZE = HEADER.size
+FLAG_TAGGED = 0x01
+"""The payload ends with a TAG_SIZE-byte tag (counted in ``length``): see :mod:`.seal`."""
+TAG_SIZE = 16
 DESC = struct.Struct("<IHBB")
 """Per-block descriptor of a DATA frame: crc32c u32, stored length u16, encoding u8, reserved u8."""
 DESC_SIZE = DESC.size
@@ -95,6 +100,7 @@ class ErrorCode(IntEnum):
     SHUTTING_DOWN = 13
     TIMEOUT = 14
     BUSY = 15
+    TAMPERED = 16
 
 
 def error_code(value: int) -> ErrorCode | None:
@@ -116,7 +122,8 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """A decoded frame other than DATA (whose payload never becomes an object)."""
+    """A decoded frame other than DATA (whose payload never becomes an object). The payload is
+    without its tag; ``tagged`` says whether one came and was checked."""
 
     type: FrameType
     id: int = 0
@@ -124,26 +131,48 @@ class Frame:
     count: int = 0
     aux: int = 0
     payload: bytes = b""
+    tagged: bool = False
 
 
 # --- encoders ------------------------------------------------------------------------------
 
-def header(ftype: FrameType, *, id: int = 0, offset: int = 0, count: int = 0, length: int = 0, aux: int = 0) -> bytes:
-    return HEADER.pack(ftype, 0, count, id, offset, length, aux)
+def header(ftype: FrameType, *, id: int = 0, offset: int = 0, count: int = 0, length: int = 0, aux: int = 0,
+           flags: int = 0) -> bytes:
+    """A raw header (tests and tools build frames by hand with it)."""
+    return HEADER.pack(ftype, flags, count, id, offset, length, aux)
+
+
+class Tagger(Protocol):
+    def tag(self, *parts: bytes | bytearray | memoryview) -> bytes: ...
+
+
+Piece = bytes | bytearray | memoryview
+
+
+def frame_pieces(ftype: FrameType, pieces: list[Piece], *, id: int = 0, offset: int = 0, count: int = 0,
+                 aux: int = 0, sealer: Tagger | None = None) -> list[Piece]:
+    """A frame as the pieces to write: the header, ``pieces`` (the payload), and with a
+    ``sealer`` (an authenticated connection) the tag over all of them."""
+    length = sum(len(x) for x in pieces) + (TAG_SIZE if sealer is not None else 0)
+    hdr = HEADER.pack(ftype, FLAG_TAGGED if sealer is not None else 0, count, id, offset, length, aux)
+    if sealer is None:
+        return [hdr, *pieces]
+    return [hdr, *pieces, sealer.tag(hdr, *pieces)]
 
 
 def encode_frame(ftype: FrameType, payload: bytes = b"", *, id: int = 0, offset: int = 0, count: int = 0,
-                 aux: int = 0) -> bytes:
-    return HEADER.pack(ftype, 0, count, id, offset, len(payload), aux) + payload
+                 aux: int = 0, sealer: Tagger | None = None) -> bytes:
+    return b"".join(frame_pieces(ftype, [payload] if payload else [], id=id, offset=offset, count=count, aux=aux,
+                                 sealer=sealer))
 
 
-def encode_read(req_id: int, offset: int, count: int) -> bytes:
-    return HEADER.pack(FrameType.READ, 0, count, req_id, offset, 0, 0)
+def encode_read(req_id: int, offset: int, count: int, sealer: Tagger | None = None) -> bytes:
+    return encode_frame(FrameType.READ, id=req_id, offset=offset, count=count, sealer=sealer)
 
 
-def encode_error(code: ErrorCode, message: str, *, id: int = 0) -> bytes:
+def encode_error(code: ErrorCode, message: str, *, id: int = 0, sealer: Tagger | None = None) -> bytes:
     msg = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
-    return HEADER.pack(FrameType.ERROR, 0, 0, id, 0, len(msg), code) + msg
+    return encode_frame(FrameType.ERROR, msg, id=id, aux=code, sealer=sealer)
 
 
 
@@ -197,8 +226,13 @@ def check_header(ftype: int, flags: int, count: int, req_id: int, offset: int, l
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"frame type {ftype:#04x} is not defined") from None
     if t not in accept:
         raise ProtocolError(ErrorCode.BAD_STATE, f"{t.name} frames are not expected in this direction")
-    if flags:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"{t.name} flags {flags:#x}: no flag is defined")
+    if flags & ~FLAG_TAGGED:
+        raise ProtocolError(ErrorCode.BAD_FRAME,
+                            f"{t.name} flags {flags:#x}: only TAGGED ({FLAG_TAGGED:#x}) is defined")
+    if flags & FLAG_TAGGED:
+        if length < TAG_SIZE:
+            raise ProtocolError(ErrorCode.BAD_LENGTH, f"tagged {t.name} of {length} bytes has no room for its tag")
+        length -= TAG_SIZE
     if t is FrameType.DATA:
         if not 1 <= count <= limits.max_blocks:
             raise ProtocolError(ErrorCode.OUT_OF_RANGE, f"DATA count {count} outside 1..{limits.max_blocks}")

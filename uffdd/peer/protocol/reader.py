@@ -14,11 +14,13 @@ from uffdd.peer.protocol.frames import (
     BLOCK_SIZE,
     CLIENT_CONTROL,
     DESC_SIZE,
+    FLAG_TAGGED,
     HEADER,
     HEADER_SIZE,
     LITTLE_ENDIAN,
     MAX_CONTROL_PAYLOAD,
     RAW_HI32,
+    TAG_SIZE,
     ZERO_BLOCK,
     ZERO_CRC,
     ZERO_HI32,
@@ -27,9 +29,11 @@ from uffdd.peer.protocol.frames import (
     Frame,
     FrameType,
     Limits,
+    Piece,
     ProtocolError,
     check_header,
 )
+from uffdd.peer.protocol.seal import Opener
 
 
 class Target(Protocol):
@@ -49,7 +53,7 @@ class ReaderHandler(Protocol):
     def on_data(self, target: Target, blocks: int, ok: bool) -> None: ...
 
 
-_S_HEADER, _S_CONTROL, _S_TABLE, _S_PAYLOAD = range(4)
+_S_HEADER, _S_CONTROL, _S_TABLE, _S_PAYLOAD, _S_TAG = range(5)
 DISCARD_SIZE = 256 << 10
 
 
@@ -61,6 +65,11 @@ class ResponseReader:
     compressed block goes to a one-block scratch and is decompressed into the destination.
     Each block's crc32c is checked once it is complete; a frame with a bad block is reported
     with ``ok=False`` (the caller re-fetches; the bytes never count as delivered).
+
+    With an :attr:`opener` (an authenticated connection), frames carry tags: a DATA frame is
+    reported only once its tag, over the bytes as they came (header, table, raw and compressed
+    payload), has been checked, and a frame that fails it is TAMPERED. Once
+    :attr:`require_tags` is set (after WELCOME) an untagged frame is TAMPERED too.
     """
 
     def __init__(self, handler: ReaderHandler, *, lz4: bool, max_blocks: int,
@@ -73,8 +82,15 @@ class ResponseReader:
         self.accept = accept | {FrameType.DATA}
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_view = memoryview(self._hdr)
-        self._ctrl = bytearray(MAX_CONTROL_PAYLOAD)
+        self._ctrl = bytearray(MAX_CONTROL_PAYLOAD + TAG_SIZE)
         self._ctrl_view = memoryview(self._ctrl)
+        self._tag = bytearray(TAG_SIZE)
+        self.opener: Opener | None = None
+        self.require_tags = False
+        self._raw_hdr = b""
+        self._tagged = False
+        self._wire: list[Piece] = []
+        """The frame's payload as it came, for its tag: raw runs and compressed blocks."""
         self._table = bytearray(max_blocks * DESC_SIZE)
         self._table_view = memoryview(self._table)
         self._block = bytearray(BLOCK_SIZE)
@@ -112,6 +128,8 @@ class ResponseReader:
             return self._ctrl_view[self._got : self._need]
         if st == _S_TABLE:
             return self._table_view[self._got : self._need]
+        if st == _S_TAG:
+            return memoryview(self._tag)[self._got :]
         if self._his[self._blk] != RAW_HI32:  # an lz4 block (zero blocks need no bytes)
             return self._block_view[self._got : self._need]
         dest = self._target.dest if self._target is not None else None
@@ -144,6 +162,8 @@ class ResponseReader:
             self._emit_control(bytes(self._ctrl_view[: self._need]))
         elif st == _S_TABLE:
             self._on_table()
+        elif st == _S_TAG:
+            self._finish_frame()
         else:
             self._on_piece_done()
 
@@ -157,6 +177,14 @@ class ResponseReader:
         ftype, flags, count, rid, offset, length, aux = HEADER.unpack(self._hdr)
         t = check_header(ftype, flags, count, rid, offset, length, aux, self.accept, self.limits)
         self._ftype, self._fid, self._faux = t, rid, aux
+        self._tagged = bool(flags & FLAG_TAGGED)
+        self._raw_hdr = bytes(self._hdr)
+        if self._tagged and self.opener is None:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"tagged {t.name} on a connection without keys")
+        if not self._tagged and self.require_tags:
+            raise ProtocolError(ErrorCode.TAMPERED, f"untagged {t.name} on an authenticated connection")
+        if not self._tagged and self.opener is not None and not (t is FrameType.ERROR and rid == 0):
+            raise ProtocolError(ErrorCode.TAMPERED, f"untagged {t.name} after the keys were made")
         if t is not FrameType.DATA:
             if length == 0:
                 self._emit_control(b"")
@@ -174,11 +202,18 @@ class ResponseReader:
         self._target = target
         self._count = count
         self._base = target.pos << BLOCK_SHIFT
-        self._payload_len = length - count * DESC_SIZE
+        self._payload_len = length - count * DESC_SIZE - (TAG_SIZE if self._tagged else 0)
+        self._wire = []
         self._state, self._got, self._need = _S_TABLE, 0, count * DESC_SIZE
 
     def _emit_control(self, payload: bytes) -> None:
-        frame = Frame(self._ftype, self._fid, 0, 0, self._faux, payload)
+        if self._tagged:
+            assert self.opener is not None
+            body, tag = payload[:-TAG_SIZE], payload[-TAG_SIZE:]
+            if not self.opener.check(tag, self._raw_hdr, body):
+                raise ProtocolError(ErrorCode.TAMPERED, f"{self._ftype.name} frame failed its tag")
+            payload = body
+        frame = Frame(self._ftype, self._fid, 0, 0, self._faux, payload, self._tagged)
         self._reset()
         self.handler.on_frame(frame)
 
@@ -216,6 +251,8 @@ class ResponseReader:
                                                       f"its blocks add up to {total}")
         self._crcs, self._his = crcs, his
         self._ok = True
+        if self._tagged:
+            self._wire.append(bytes(self._table_view[: n * DESC_SIZE]))
         self._state = _S_PAYLOAD
         self._start_piece(0)
 
@@ -246,6 +283,9 @@ class ResponseReader:
             else:
                 self._need = hi & 0xFFFF
             return
+        if self._tagged:
+            self._state, self._got, self._need = _S_TAG, 0, TAG_SIZE
+            return
         self._finish_frame()
 
     def _check_raw(self) -> None:
@@ -267,12 +307,17 @@ class ResponseReader:
     def _on_piece_done(self) -> None:
         i = self._blk
         hi = self._his[i]
+        dest = self._target.dest if self._target is not None else None
         if hi == RAW_HI32:
             self._check_raw()
+            if self._tagged and dest is not None:
+                a = self._base + (i << BLOCK_SHIFT)
+                self._wire.append(dest[a : self._base + (self._run_end << BLOCK_SHIFT)])
             self._start_piece(self._run_end)
             return
         stored = hi & 0xFFFF
-        dest = self._target.dest if self._target is not None else None
+        if self._tagged:
+            self._wire.append(bytes(self._block_view[:stored]))
         if dest is not None:
             try:
                 page = lz4.block.decompress(self._block_view[:stored], uncompressed_size=BLOCK_SIZE)
@@ -287,6 +332,14 @@ class ResponseReader:
 
     def _finish_frame(self) -> None:
         target, count, ok = self._target, self._count, self._ok
+        if self._tagged:
+            assert self.opener is not None
+            if target is not None and target.dest is not None:
+                if not self.opener.check(self._tag, self._raw_hdr, *self._wire):
+                    raise ProtocolError(ErrorCode.TAMPERED, f"DATA for request {self._fid} failed its tag")
+            else:
+                self.opener.seq += 1  # nobody waits for these bytes: they are dropped unread
+            self._wire = []
         self._reset()
         assert target is not None
         self.handler.on_data(target, count, ok)
