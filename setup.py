@@ -15,5 +15,5 @@ FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 setup(ext_modules=[
     Extension("uffdd.core._fastpath", sources=["uffdd/core/_fastpath.c"], optional=True, extra_compile_args=FLAGS),
     Extension("uffdd.kernel._memguard", sources=["uffdd/kernel/_memguard.c"], optional=True,
-              extra_compile_args=FLAGS),
+              extra_compile_args=FLAGS, include_dirs=["uffdd/csrc"], depends=["uffdd/csrc/guard.h"]),
 ])

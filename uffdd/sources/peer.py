@@ -1,10 +1,13 @@
 """Pages from another host: ``uffdd serve`` on the migration source, over TCP (optionally TLS).
 
 Demand faults (:meth:`PeerSource.fill`) use the urgent connection; :meth:`PeerSource.prefetch`
-uses a separate bulk connection, so background traffic never sits in front of a fault. Page
-bytes are received straight into the destination; each 4 KiB block's crc32c is checked before
-``fill`` returns. A broken link makes ``fill`` wait (reconnect, re-send) rather than fail; past
-``deadline`` it raises :class:`~uffdd.errors.SourceUnavailable`, and the session retries.
+uses a separate bulk connection, so background traffic never sits in front of a fault. Each
+4 KiB block's crc32c (and, with a shared secret, each frame's tag) is checked before a byte of it
+reaches guest memory: ``fill`` receives into a private buffer and copies it in with a guarded
+copy (a memory file the VMM shrank is an error for that session, never a SIGBUS); ``prefetch``
+is given private buffers already. A broken link makes ``fill`` wait (reconnect, re-send) rather
+than fail; past ``deadline`` it raises :class:`~uffdd.errors.SourceUnavailable`, and the session
+retries.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import ClassVar, Literal
 import structlog
 
 from uffdd.errors import ConfigError, SourceUnavailable
+from uffdd.kernel.memory import copy_into
 from uffdd.peer.client import ClientOptions, PeerClient, PeerStats
 from uffdd.peer.config import PeerLinkConfig
 from uffdd.sources.base import PageSource, SourceConfig
@@ -60,7 +64,9 @@ class PeerSource(PageSource):
         return self.client.unreachable
 
     async def fill(self, offset: int, dest: memoryview) -> None:
-        await self.client.fill(offset, dest)
+        buf = bytearray(len(dest))
+        await self.client.fill(offset, memoryview(buf))
+        copy_into(dest, buf)
 
     async def prefetch(self, offset: int, dest: memoryview) -> None:
         """Like fill, on the bulk connection: for background transfers that must not delay faults."""
