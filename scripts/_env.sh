@@ -10,7 +10,8 @@ fi
 # Reinstall when pyproject.toml, setup.py or the C fast path changed since the last install (an
 # editable install builds uffdd/core/_fastpath.c next to its source).
 changed() { [ ! -f "$stamp" ] || [ "$ROOT/$1" -nt "$stamp" ]; }
-if changed pyproject.toml || changed setup.py || changed uffdd/core/_fastpath.c || changed uffdd/kernel/_memguard.c || changed uffdd/csrc/guard.h; then
+if changed pyproject.toml || changed setup.py || changed uffdd/core/_fastpath.c || changed uffdd/kernel/_memguard.c \
+        || changed uffdd/csrc/guard.h || changed uffdd/peer/_wire.c || changed uffdd/csrc/wire.h; then
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
     touch "$stamp"
