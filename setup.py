@@ -8,6 +8,8 @@ what the daemon does instead.
   (without it: the same copies through a pipe, twice the work).
 - uffdd/peer/_wire.c: the peer protocol's crc32c and frame tags (uffdd/csrc/wire.h, which the C
   fast paths share) from Python (without it: the crc32c and cryptography packages).
+- uffdd/peer/_native.c, _responder.c: the urgent peer link's two ends in C, the client's fed straight
+  from the C fault path (without them: the link in Python, over asyncio streams).
 """
 
 from setuptools import Extension, setup
@@ -15,9 +17,13 @@ from setuptools import Extension, setup
 FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
 setup(ext_modules=[
-    Extension("uffdd.core._fastpath", sources=["uffdd/core/_fastpath.c"], optional=True, extra_compile_args=FLAGS),
+    Extension("uffdd.core._fastpath", sources=["uffdd/core/_fastpath.c"], optional=True, extra_compile_args=FLAGS,
+              include_dirs=["uffdd/csrc"], depends=["uffdd/csrc/link_api.h"]),
     Extension("uffdd.kernel._memguard", sources=["uffdd/kernel/_memguard.c"], optional=True,
               extra_compile_args=FLAGS, include_dirs=["uffdd/csrc"], depends=["uffdd/csrc/guard.h"]),
     Extension("uffdd.peer._wire", sources=["uffdd/peer/_wire.c"], optional=True, extra_compile_args=FLAGS,
               include_dirs=["uffdd/csrc"], depends=["uffdd/csrc/wire.h"]),
+    Extension("uffdd.peer._native", sources=["uffdd/peer/_native.c", "uffdd/peer/_responder.c"], optional=True,
+              extra_compile_args=FLAGS, include_dirs=["uffdd/csrc"],
+              depends=["uffdd/csrc/wire.h", "uffdd/csrc/frame.h", "uffdd/csrc/link_api.h", "uffdd/csrc/guard.h"]),
 ])

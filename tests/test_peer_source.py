@@ -23,7 +23,7 @@ from uffdd.core import Session
 from uffdd.errors import SourceError
 from uffdd.peer import protocol as p
 from uffdd.peer.client import ClientOptions, PeerClient
-from uffdd.peer.config import PeerLinkConfig, ServeLimits
+from uffdd.peer.config import PeerLinkConfig, ServeLimits, make_secret
 from uffdd.peer.image import Image
 from uffdd.peer.relay import Relay
 from uffdd.peer.serve import VmmHandover
@@ -54,10 +54,10 @@ def peer_config(tmp_path: Path, snapshot: Path, address: tuple[str, int], *, pre
 
 
 @contextlib.asynccontextmanager
-async def peer_server(snapshot: Path, *, secret: bytes | None = None, compression: bool = True,
+async def peer_server(snapshot: Path, *, secret: bytes | None = None, compression: bool = True, native: bool = True,
                       **limits: Any) -> AsyncIterator[PeerServer]:
     server = PeerServer({"default": Image.from_file("default", str(snapshot))}, ServeLimits(**limits),
-                        secret=secret, compression=compression)
+                        secret=secret, compression=compression, native=native)
     await server.start("127.0.0.1", 0)
     try:
         yield server
@@ -70,11 +70,29 @@ def peer_source(s: Session) -> PeerSource:
     return s.source
 
 
-async def test_every_page_arrives_correct_with_zero_pages_sent_as_a_flag(tmp_path: Path, snapshot_4k: Path) -> None:
-    async with peer_server(snapshot_4k) as server, \
-            running_daemon(peer_config(tmp_path, snapshot_4k, server.address), snapshot_4k) as d:
+@pytest.fixture(params=[True, False], ids=["c-link", "python-link"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Both ends' urgent connection in C (and the C fault path sending to it), or in Python:
+    the same protocol, the same guarantees, checked by the same tests."""
+    return bool(request.param)
+
+
+def check_link(s: Session, native: bool) -> PeerSource:
+    """The session runs on the link it was configured for."""
+    src = peer_source(s)
+    if native:
+        assert src.native_link() is not None and s.fault_path == "c"
+    else:
+        assert src.native_link() is None
+    return src
+
+
+async def test_every_page_arrives_correct_with_zero_pages_sent_as_a_flag(
+        tmp_path: Path, snapshot_4k: Path, native: bool) -> None:
+    async with peer_server(snapshot_4k, native=native) as server, \
+            running_daemon(peer_config(tmp_path, snapshot_4k, server.address, native=native), snapshot_4k) as d:
         vmm = d.start_vmm(region_sizes=[8 * MIB, 4 * MIB], region_gap=MIB, threads=4, prepopulate=0.2)
-        src = peer_source(await first_session(d.listener))
+        src = check_link(await first_session(d.listener), native)
         res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         assert_all_correct(res)
         stats = server.collect()
@@ -113,15 +131,15 @@ async def test_prefetch_uses_the_bulk_connection_and_faults_the_urgent_one(tmp_p
 
 @pytest.mark.parametrize("silent", [False, True], ids=["reset", "silent-blackhole"])
 async def test_link_cut_mid_migration_reconnects_and_resends_with_zero_wrong_pages(
-        tmp_path: Path, snapshot_4k: Path, silent: bool) -> None:
-    async with peer_server(snapshot_4k) as server:
+        tmp_path: Path, snapshot_4k: Path, silent: bool, native: bool) -> None:
+    async with peer_server(snapshot_4k, native=native) as server:
         relay = Relay(*server.address)
         addr = await relay.start()
         relay.cut_after(4 * MIB, 0.8, silent=silent)
         try:
-            async with running_daemon(peer_config(tmp_path, snapshot_4k, addr), snapshot_4k) as d:
+            async with running_daemon(peer_config(tmp_path, snapshot_4k, addr, native=native), snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[16 * MIB], threads=4)
-                src = peer_source(await first_session(d.listener))
+                src = check_link(await first_session(d.listener), native)
                 res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
             await relay.close()
@@ -159,16 +177,17 @@ async def test_server_restart_mid_migration_completes_with_zero_wrong_pages(tmp_
         serve.kill()
 
 
-async def test_corrupted_pages_are_refetched_and_never_installed(tmp_path: Path, snapshot_4k: Path) -> None:
+async def test_corrupted_pages_are_refetched_and_never_installed(
+        tmp_path: Path, snapshot_4k: Path, native: bool) -> None:
     targets = {off: 2 for off in (0, 5 * 4096, 700 * 4096, 2000 * 4096, 4095 * 4096)}
     tamper = DataTamperer(targets)
-    async with peer_server(snapshot_4k, compression=False) as server:
+    async with peer_server(snapshot_4k, compression=False, native=native) as server:
         relay = Relay(*server.address, downstream_editor=lambda: tamper)
         addr = await relay.start()
         try:
-            async with running_daemon(peer_config(tmp_path, snapshot_4k, addr), snapshot_4k) as d:
+            async with running_daemon(peer_config(tmp_path, snapshot_4k, addr, native=native), snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[16 * MIB], threads=4)
-                src = peer_source(await first_session(d.listener))
+                src = check_link(await first_session(d.listener), native)
                 res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
             await relay.close()
@@ -178,22 +197,22 @@ async def test_corrupted_pages_are_refetched_and_never_installed(tmp_path: Path,
 
 
 async def test_a_relay_that_rewrites_pages_and_their_checksums_is_caught_by_the_tags(
-        tmp_path: Path, snapshot_4k: Path) -> None:
+        tmp_path: Path, snapshot_4k: Path, native: bool) -> None:
     """An attacker on the path who passes the handshake through and rewrites page data, crc and
     all: with a shared secret every frame carries a tag, so the rewritten frames fail it, the
     link is reported as tampered and re-established, and not one wrong byte reaches the guest."""
-    secret = os.urandom(32).hex()
+    secret = make_secret()
     targets = {off: 2 for off in (0, 9 * 4096, 700 * 4096, 1500 * 4096)}
     tamper = DataTamperer(targets, recompute=True)
-    async with peer_server(snapshot_4k, secret=secret.encode(), compression=False) as server:
+    async with peer_server(snapshot_4k, secret=secret.encode(), compression=False, native=native) as server:
         relay = Relay(*server.address, downstream_editor=lambda: tamper)
         addr = await relay.start()
         try:
-            cfg = peer_config(tmp_path, snapshot_4k, addr, secret=secret)
+            cfg = peer_config(tmp_path, snapshot_4k, addr, secret=secret, native=native)
             with structlog.testing.capture_logs() as logs:
                 async with running_daemon(cfg, snapshot_4k) as d:
                     vmm = d.start_vmm(region_sizes=[8 * MIB], threads=4)
-                    src = peer_source(await first_session(d.listener))
+                    src = check_link(await first_session(d.listener), native)
                     res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
             await relay.close()
@@ -215,15 +234,15 @@ HOSTILE_SERVER: list[tuple[str, bytes]] = [
 
 @pytest.mark.parametrize(("name", "junk"), HOSTILE_SERVER, ids=[h[0] for h in HOSTILE_SERVER])
 async def test_malformed_frames_from_the_server_cost_one_connection_and_no_page(
-        tmp_path: Path, snapshot_4k: Path, name: str, junk: bytes) -> None:
+        tmp_path: Path, snapshot_4k: Path, name: str, junk: bytes, native: bool) -> None:
     inject = JunkInjector(junk, after=20)
-    async with peer_server(snapshot_4k) as server:
+    async with peer_server(snapshot_4k, native=native) as server:
         relay = Relay(*server.address, downstream_editor=inject.editor)
         addr = await relay.start()
         try:
-            async with running_daemon(peer_config(tmp_path, snapshot_4k, addr), snapshot_4k) as d:
+            async with running_daemon(peer_config(tmp_path, snapshot_4k, addr, native=native), snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[8 * MIB], threads=4)
-                src = peer_source(await first_session(d.listener))
+                src = check_link(await first_session(d.listener), native)
                 res: dict[str, Any] = await asyncio.to_thread(vmm.result, 90)
         finally:
             await relay.close()
@@ -233,16 +252,16 @@ async def test_malformed_frames_from_the_server_cost_one_connection_and_no_page(
 
 
 async def test_source_unreachable_past_deadline_is_loud_then_recovers_without_zeros(
-        tmp_path: Path, snapshot_4k: Path) -> None:
-    async with peer_server(snapshot_4k) as server:
+        tmp_path: Path, snapshot_4k: Path, native: bool) -> None:
+    async with peer_server(snapshot_4k, native=native) as server:
         relay = Relay(*server.address)
         addr = await relay.start()
         try:
-            cfg = peer_config(tmp_path, snapshot_4k, addr, deadline=0.4)
+            cfg = peer_config(tmp_path, snapshot_4k, addr, deadline=0.4, native=native)
             async with running_daemon(cfg, snapshot_4k) as d:
                 vmm = d.start_vmm(region_sizes=[8 * MIB], threads=2, start_delay=0.5)
                 s = await first_session(d.listener)
-                src = peer_source(s)
+                src = check_link(s, native)
                 with structlog.testing.capture_logs() as logs:
                     relay.cut(2.5)  # before the vCPUs start: every fault waits through the outage
                     unreachable = await eventually(lambda: src.unreachable, what="the source declared unreachable")

@@ -31,6 +31,7 @@
 
 #include <errno.h>
 #include <linux/userfaultfd.h>
+#include "link_api.h"
 #include <stdint.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
@@ -48,8 +49,21 @@ struct region {
 
 /* What was done since the last take(); Python adds it to the session's counters. */
 struct counts {
-	unsigned long long faults, minor, inline_fills, pages, demand, fault_around, bytes, ns, already_mapped;
+	unsigned long long faults, minor, inline_fills, pages, demand, fault_around, bytes, ns, already_mapped,
+		async_fills;
 };
+
+/* A demand fill on its way over a peer link (remote mode). Page indices are global (they
+ * survive a region being split while the request is out). */
+struct pend {
+	uint64_t g, n, gidx, t0;
+	uint32_t tid;
+	uint8_t used;
+};
+#define MAX_PEND 1024
+
+/* Why a remote fill comes back to Python (link_failures()). */
+enum { LF_FETCH = 1, LF_INSTALL = 2, LF_GONE = 3 };
 
 typedef struct {
 	PyObject_HEAD
@@ -68,6 +82,18 @@ typedef struct {
 	/* A run whose CONTINUE was refused (left INSTALLING) for the message last returned. */
 	Py_ssize_t failed_region;
 	unsigned long long failed_lo, failed_n;
+	/* Pages in place, shared with SessionStats.in_place; the session's total. */
+	Py_buffer in_place;
+	int have_in_place;
+	uint64_t total;
+	/* Remote mode: demand fills go to a peer link instead of a file. */
+	PyObject *link;
+	const struct link_api *api;
+	PyObject *notify; /* called (rarely) when Python must look: failures, or everything in place */
+	struct pend *pend;
+	uint32_t pend_free;
+	int submitted;
+	PyObject *failures; /* list of (kind, status, g, n, gidx, t0, tid) */
 } FastPath;
 
 static void release_regions(FastPath *self)
@@ -84,6 +110,17 @@ static void release_regions(FastPath *self)
 
 static void release_buffers(FastPath *self)
 {
+	if (self->api && self->link)
+		self->api->set_owner(self->link, NULL, NULL); /* nothing is written to guest memory after this */
+	self->api = NULL;
+	Py_CLEAR(self->link);
+	Py_CLEAR(self->notify);
+	Py_CLEAR(self->failures);
+	PyMem_Free(self->pend);
+	self->pend = NULL;
+	if (self->have_in_place)
+		PyBuffer_Release(&self->in_place);
+	self->have_in_place = 0;
 	release_regions(self);
 	if (self->have_states)
 		PyBuffer_Release(&self->states);
@@ -93,16 +130,50 @@ static void release_buffers(FastPath *self)
 	Py_CLEAR(self->by_tid);
 }
 
+static void remote_sink(void *owner, uint64_t cookie, int status);
+
 static int FastPath_init(FastPath *self, PyObject *args, PyObject *kwds)
 {
-	static char *kwlist[] = { "uffd", "src_fd", "rwf", "fa_pages", "states", "hist", "by_tid", NULL };
-	PyObject *states, *hist, *by_tid;
-	unsigned long long fa;
+	static char *kwlist[] = { "uffd", "src_fd", "rwf", "fa_pages", "states", "hist", "by_tid", "in_place",
+				  "total", "link", "notify", NULL };
+	PyObject *states, *hist, *by_tid, *in_place, *link = Py_None, *notify = Py_None;
+	unsigned long long fa, total;
 
 	release_buffers(self);
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiKOOO!", kwlist, &self->uffd, &self->src_fd, &self->rwf,
-					 &fa, &states, &hist, &PyDict_Type, &by_tid))
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiKOOO!OK|OO", kwlist, &self->uffd, &self->src_fd, &self->rwf,
+					 &fa, &states, &hist, &PyDict_Type, &by_tid, &in_place, &total, &link, &notify))
 		return -1;
+	if (PyObject_GetBuffer(in_place, &self->in_place, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+		return -1;
+	self->have_in_place = 1;
+	if (self->in_place.itemsize != 8 || self->in_place.len < 8) {
+		PyErr_SetString(PyExc_ValueError, "in_place must hold a signed 64-bit counter");
+		return -1;
+	}
+	self->total = total;
+	if (link != Py_None) {
+		PyObject *cap = PyObject_GetAttrString(link, "api");
+		if (!cap)
+			return -1;
+		self->api = PyCapsule_GetPointer(cap, LINK_API_CAPSULE);
+		Py_DECREF(cap);
+		if (!self->api)
+			return -1;
+		if (self->api->version != LINK_API_VERSION) {
+			self->api = NULL;
+			PyErr_SetString(PyExc_ValueError, "the link speaks another version of link_api.h");
+			return -1;
+		}
+		self->pend = PyMem_Calloc(MAX_PEND, sizeof(struct pend));
+		self->failures = PyList_New(0);
+		if (!self->pend || !self->failures)
+			return -1;
+		Py_INCREF(link);
+		self->link = link;
+		Py_INCREF(notify);
+		self->notify = notify;
+		self->api->set_owner(link, self, remote_sink);
+	}
 	if (fa < 1 || (fa & (fa - 1)) || fa > 65536) {
 		PyErr_SetString(PyExc_ValueError, "fa_pages must be a power of two in 1..65536");
 		return -1;
@@ -267,6 +338,7 @@ static void mark_filled(FastPath *self, struct region *r, uint64_t lo, uint64_t 
 	int hit = lo <= idx && idx < lo + n;
 
 	memset(st + lo, FILLED, n);
+	*(int64_t *)self->in_place.buf += (int64_t)n;
 	self->c.pages += n;
 	self->c.bytes += n << r->shift;
 	self->c.demand += hit;
@@ -289,6 +361,38 @@ static int remap(FastPath *self, uint64_t addr, uint64_t ps)
 
 enum { SERVED, LEFT, FAILED_RUN };
 
+/* Remote mode: ask the link for the run; the fault is over for now (the link's sink installs). */
+static int submit_remote(FastPath *self, const struct uffd_msg *m, struct region *r, Py_ssize_t pos, uint64_t lo,
+			 uint64_t n, uint64_t idx, uint64_t t0)
+{
+	uint8_t *st = (uint8_t *)self->states.buf + r->base;
+	uint32_t slot;
+
+	if (self->pend_free >= MAX_PEND) {
+		for (slot = 0; slot < MAX_PEND && self->pend[slot].used; slot++)
+			;
+		if (slot == MAX_PEND)
+			return LEFT;
+	} else {
+		slot = self->pend_free;
+	}
+	memset(st + lo, FILLING, n);
+	if (self->api->submit(self->link, r->offset + (lo << r->shift), (uint32_t)((n << r->shift) >> 12),
+			      r->mem + (lo << r->shift), slot) < 0) {
+		memset(st + lo, EMPTY, n);
+		return LEFT;
+	}
+	self->pend[slot] = (struct pend){ r->base + lo, n, r->base + idx, t0, m->arg.pagefault.feat.ptid, 1 };
+	self->pend_free = slot + 1 < MAX_PEND && !self->pend[slot + 1].used ? slot + 1 : MAX_PEND;
+	self->submitted = 1;
+	self->c.faults++;
+	self->c.minor += (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0;
+	self->c.async_fills++;
+	self->last_region = pos;
+	self->last_idx = idx;
+	return SERVED;
+}
+
 /* Fill and map the fault-around run of a fault on EMPTY page idx. */
 static int demand(FastPath *self, const struct uffd_msg *m, struct region *r, Py_ssize_t pos, uint64_t idx,
 		  uint64_t t0)
@@ -307,6 +411,8 @@ static int demand(FastPath *self, const struct uffd_msg *m, struct region *r, Py
 	}
 	n = hi - lo;
 	len = n << r->shift;
+	if (self->api)
+		return submit_remote(self, m, r, pos, lo, n, idx, t0);
 	memset(st + lo, FILLING, n);
 	{
 		struct iovec iov = { r->mem + (lo << r->shift), len };
@@ -334,6 +440,95 @@ static int demand(FastPath *self, const struct uffd_msg *m, struct region *r, Py
 	}
 	mark_filled(self, r, lo, n, idx);
 	return book(self, m->arg.pagefault.feat.ptid, t0) < 0 ? -1 : SERVED;
+}
+
+/* Write the READs this batch queued: one system call for all of them. */
+static void flush_link(FastPath *self)
+{
+	if (self->submitted) {
+		self->submitted = 0;
+		(void)self->api->flush(self->link); /* a link that is down sends them when it is back */
+	}
+}
+
+/* Find the live region holding global pages [g, g+n) and the index of g in it, or NULL. */
+static struct region *region_of(FastPath *self, uint64_t g, uint64_t n, Py_ssize_t *pos, uint64_t *lo)
+{
+	for (Py_ssize_t i = 0; i < self->nregions; i++) {
+		struct region *r = &self->regions[i];
+		if (r->base <= g && g + n <= r->base + r->npages) {
+			*pos = i;
+			*lo = g - r->base;
+			return r;
+		}
+	}
+	return NULL;
+}
+
+static void call_notify(FastPath *self)
+{
+	PyObject *res;
+	if (!self->notify || self->notify == Py_None)
+		return;
+	res = PyObject_CallNoArgs(self->notify);
+	if (res)
+		Py_DECREF(res);
+	else
+		PyErr_WriteUnraisable(self->notify);
+}
+
+static void remote_failure(FastPath *self, int kind, int status, const struct pend *p)
+{
+	PyObject *t = Py_BuildValue("(iiKKKKI)", kind, status, p->g, p->n, p->gidx, p->t0, p->tid);
+	if (!t || PyList_Append(self->failures, t) < 0)
+		PyErr_WriteUnraisable(self->link);
+	Py_XDECREF(t);
+	call_notify(self);
+}
+
+/* The link's sink: a remote demand fill is over. Install it as demand() would have, or hand
+ * it to Python (the run moved, a page changed state meanwhile, the kernel refused, the fetch
+ * failed). Runs inside Link.receive(), with the GIL. */
+static void remote_sink(void *owner, uint64_t cookie, int status)
+{
+	FastPath *self = owner;
+	struct pend p = self->pend[cookie];
+	uint8_t *states = self->states.buf;
+	struct region *r;
+	Py_ssize_t pos;
+	uint64_t lo;
+
+	self->pend[cookie].used = 0;
+	if (cookie < self->pend_free)
+		self->pend_free = (uint32_t)cookie;
+	if (status != LINK_OK) {
+		remote_failure(self, status == LINK_GONE ? LF_GONE : LF_FETCH, status, &p);
+		return;
+	}
+	r = region_of(self, p.g, p.n, &pos, &lo);
+	for (uint64_t k = 0; r && k < p.n; k++)
+		if (states[p.g + k] != FILLING)
+			r = NULL;
+	if (!r) { /* moved, split or discarded meanwhile: Python's install handles every case */
+		remote_failure(self, LF_INSTALL, 0, &p);
+		return;
+	}
+	memset(states + p.g, INSTALLING, p.n);
+	struct uffdio_continue c = { .range = { r->start + (lo << r->shift), p.n << r->shift }, .mode = 0 };
+	if (ioctl(self->uffd, UFFDIO_CONTINUE, &c) != 0) {
+		uint64_t done = errno == EAGAIN && c.mapped > 0 ? (uint64_t)c.mapped >> r->shift : 0;
+		if (done)
+			mark_filled(self, r, lo, done, p.gidx - r->base);
+		p.g += done;
+		p.n -= done;
+		remote_failure(self, LF_INSTALL, 0, &p);
+		return;
+	}
+	mark_filled(self, r, lo, p.n, p.gidx - r->base);
+	if (book(self, p.tid, p.t0) < 0)
+		PyErr_WriteUnraisable(self->link);
+	if (*(int64_t *)self->in_place.buf >= (int64_t)self->total)
+		call_notify(self);
 }
 
 /* Handle msgs[i..end) until one must go to Python; returns its index (end: all handled), or -1
@@ -407,6 +602,7 @@ static PyObject *FastPath_serve(FastPath *self, PyObject *const *args, Py_ssize_
 	}
 	i = serve_msgs(self, msgs.buf, i, end, t0);
 	PyBuffer_Release(&msgs);
+	flush_link(self);
 	return i < 0 ? NULL : PyLong_FromSsize_t(i);
 }
 
@@ -443,6 +639,7 @@ static PyObject *FastPath_drain(FastPath *self, PyObject *arg)
 		t0 = now_ns();
 		count = n / (Py_ssize_t)sizeof(struct uffd_msg);
 		i = serve_msgs(self, buf.buf, 0, count, t0);
+		flush_link(self);
 		if (i < 0) {
 			PyBuffer_Release(&buf);
 			return NULL;
@@ -460,9 +657,9 @@ static PyObject *FastPath_drain(FastPath *self, PyObject *arg)
 static PyObject *FastPath_take(FastPath *self, PyObject *Py_UNUSED(ignored))
 {
 	struct counts *c = &self->c;
-	PyObject *res = Py_BuildValue("(KKKKKKKKKnK)", c->faults, c->minor, c->inline_fills, c->pages, c->demand,
-				      c->fault_around, c->bytes, c->ns, c->already_mapped, self->last_region,
-				      self->last_idx);
+	PyObject *res = Py_BuildValue("(KKKKKKKKKKnK)", c->faults, c->minor, c->inline_fills, c->pages, c->demand,
+				      c->fault_around, c->bytes, c->ns, c->already_mapped, c->async_fills,
+				      self->last_region, self->last_idx);
 	if (res)
 		memset(c, 0, sizeof(*c));
 	return res;
@@ -477,6 +674,23 @@ static PyObject *FastPath_failed(FastPath *self, PyObject *Py_UNUSED(ignored))
 	return Py_BuildValue("(nKK)", self->failed_region, self->failed_lo, self->failed_n);
 }
 
+/* link_failures() -> list of (kind, status, first global page, pages, global page faulted on, t0,
+ * tid): remote fills Python must take over (kind 1: fetch again; 2: install the run, its bytes
+ * are complete; 3: the memory file no longer holds it). */
+static PyObject *FastPath_link_failures(FastPath *self, PyObject *Py_UNUSED(ignored))
+{
+	PyObject *out;
+	if (!self->failures)
+		return PyList_New(0);
+	out = self->failures;
+	self->failures = PyList_New(0);
+	if (!self->failures) {
+		self->failures = out;
+		return NULL;
+	}
+	return out;
+}
+
 static PyObject *FastPath_close(FastPath *self, PyObject *Py_UNUSED(ignored))
 {
 	release_buffers(self);
@@ -489,6 +703,8 @@ static PyMethodDef FastPath_methods[] = {
 	{ "drain", (PyCFunction)FastPath_drain, METH_O,
 	  "drain(buf) -> None, or (first message left for Python, messages in buf, t0)" },
 	{ "take", (PyCFunction)FastPath_take, METH_NOARGS, "take() -> (COUNTERS..., region, index) since the last take" },
+	{ "link_failures", (PyCFunction)FastPath_link_failures, METH_NOARGS,
+	  "link_failures() -> [(kind, status, g, n, gidx, t0, tid)]: remote fills for Python to take over" },
 	{ "failed", (PyCFunction)FastPath_failed, METH_NOARGS,
 	  "failed() -> None or (region, lo, n): the INSTALLING run of the message last returned" },
 	{ "set_regions", (PyCFunction)FastPath_set_regions, METH_O,
@@ -527,8 +743,9 @@ PyMODINIT_FUNC PyInit__fastpath(void)
 		Py_DECREF(&FastPathType);
 		goto fail;
 	}
-	counters = Py_BuildValue("(sssssssss)", "fault_msgs", "minor_faults", "fills_inline", "pages_filled",
-				 "pages_demand", "pages_fault_around", "bytes_filled", "blocked_ns", "already_mapped");
+	counters = Py_BuildValue("(ssssssssss)", "fault_msgs", "minor_faults", "fills_inline", "pages_filled",
+				 "pages_demand", "pages_fault_around", "bytes_filled", "blocked_ns", "already_mapped",
+				 "fills_async");
 	if (!counters || PyModule_AddObject(m, "COUNTERS", counters) < 0) {
 		Py_XDECREF(counters);
 		goto fail;

@@ -54,13 +54,13 @@ class Events:
         for r, i0, n in self.guest.regions.overlapping(start, end):
             seg = bytes(r.state[i0 : i0 + n])
             pending = seg.count(EMPTY) + seg.count(FILLING) + seg.count(INSTALLING)
-            stats.pages_filled += pending  # resolved: they no longer need the source
+            stats.count_filled(pending)  # resolved: they no longer need the source
             if new_state == REMOVED:
                 stats.pages_removed += n - seg.count(REMOVED) - seg.count(UNMAPPED)
                 r.state[i0 : i0 + n] = seg.translate(_TO_REMOVED)
             else:
                 r.state[i0 : i0 + n] = bytes((UNMAPPED,)) * n
-        if stats.pages_filled >= stats.pages_total:
+        if stats.all_in_place:
             self.guest.on_all_filled()
 
     def move(self, frm: int, to: int, length: int) -> None:

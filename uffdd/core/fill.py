@@ -63,7 +63,7 @@ class DemandFiller:
         lo, hi = self.block(region, idx)
         self.fill(region, lo, hi, wait)
 
-    def fill(self, region: Region, lo: int, hi: int, wait: Wait) -> None:
+    def fill(self, region: Region, lo: int, hi: int, wait: Wait | None) -> None:
         """Fill pages [lo, hi), inline if the source can, else in a task; then install them."""
         n = hi - lo
         st = region.state
@@ -87,7 +87,7 @@ class DemandFiller:
             dest = buf.view[: n << shift]
         self._spawn(self._fill_async(region, lo, n, wait, dest, buf))
 
-    async def _fill_async(self, region: Region, lo: int, n: int, wait: Wait, dest: memoryview,
+    async def _fill_async(self, region: Region, lo: int, n: int, wait: Wait | None, dest: memoryview,
                           buf: PrivateBuffer | None) -> None:
         """Fill from the source, retrying with backoff; never install a partial page."""
         try:
@@ -97,7 +97,7 @@ class DemandFiller:
             dest.release()
         self.guest.install_run(region, lo, n, DEMAND, wait, buf)
 
-    async def _fetch(self, region: Region, lo: int, n: int, wait: Wait, dest: memoryview) -> bool:
+    async def _fetch(self, region: Region, lo: int, n: int, wait: Wait | None, dest: memoryview) -> bool:
         """Read the run into ``dest`` until it succeeds; False if it turned out to be poisoned."""
         foff = region.file_offset(lo)
         delay = RETRY_MIN_S
@@ -126,7 +126,7 @@ class DemandFiller:
         async def again() -> None:
             await asyncio.sleep(0)
             if not region.retired and region.state[idx] == EMPTY:
-                self.fill(region, idx, idx + 1, wait or Wait(region.base + idx, 0, 0))
+                self.fill(region, idx, idx + 1, wait)
 
         self._spawn(again())
 

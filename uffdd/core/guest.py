@@ -165,7 +165,7 @@ class Guest:
         else:
             st[pos : pos + n] = _FILLED * n
         stats = self.stats
-        stats.pages_filled += n
+        stats.count_filled(n)
         stats.bytes_filled += n << region.shift
         if path == DEMAND:
             hit = 1 if _covers(region, pos, n, wait) is not None else 0
@@ -175,7 +175,7 @@ class Guest:
             stats.pages_prefetch += n
         else:
             stats.pages_replay += n
-        if stats.pages_filled >= stats.pages_total:
+        if stats.all_in_place:
             self.on_all_filled()
 
     def book(self, wait: Wait) -> None:
@@ -290,7 +290,7 @@ class Guest:
 
     @property
     def pages_remaining(self) -> int:
-        return self.stats.pages_total - self.stats.pages_filled
+        return self.stats.pages_total - self.stats.in_place[0]
 
     def close(self) -> None:
         """Release the second mapping and the installer's buffers (views first)."""

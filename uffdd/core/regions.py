@@ -121,8 +121,12 @@ class RegionMap:
 
     def relocate(self, region: Region, lo: int, n: int) -> list[Run]:
         """Pages [lo, lo+n) of a retired region, as runs of the live regions that hold them now."""
+        return self.global_runs(region.base + lo, n)
+
+    def global_runs(self, g: int, n: int) -> list[Run]:
+        """Global pages [g, g+n), as runs of the live regions that hold them now."""
         out: list[Run] = []
-        g0, g1 = region.base + lo, region.base + lo + n
+        g0, g1 = g, g + n
         for r in self.regions:
             a, b = max(g0, r.base), min(g1, r.base + r.npages)
             if a < b:

@@ -119,7 +119,8 @@ class Session:
         guest.retries = Retries(loop, before=self.faults.on_readable)
         if self.resumed:
             self.states.recover(anonymous=guest.anonymous)
-            self.stats.pages_filled = sum(self.states.count(v) for v in (FILLED, REMOVED, UNMAPPED))
+            done = sum(self.states.count(v) for v in (FILLED, REMOVED, UNMAPPED))
+            self.stats.pages_filled = self.stats.in_place[0] = done
         self.native = self.faults.native = self._start_native()
         self.fault_path = "c" if self.native is not None else "python"
         loop.add_reader(guest.uffd.fileno(), self.faults.on_readable)
@@ -135,7 +136,7 @@ class Session:
         loop.call_soon(self.faults.on_readable)  # faults may have queued before add_reader
         self._tasks.spawn(self.prefetcher.run())
         self.completion.enabled = True
-        if self.stats.pages_filled >= self.stats.pages_total:
+        if self.stats.all_in_place:
             self.completion.schedule()
 
     def _start_native(self) -> NativePath | None:
@@ -143,9 +144,12 @@ class Session:
         if not (self.config.native and native_available() and not self.guest.anonymous and self.recorder is None):
             return None
         inline = self.source.inline_read()
-        if inline is None:
+        if inline is not None:
+            return NativePath(self.guest, inline[0], inline[1], self.filler.block_pages)
+        link = self.source.native_link()
+        if link is None:
             return None
-        return NativePath(self.guest, inline[0], inline[1], self.filler.block_pages)
+        return NativePath(self.guest, -1, 0, self.filler.block_pages, link=link, refill=self.filler.fill)
 
     @property
     def memory_kind(self) -> str:

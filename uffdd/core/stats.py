@@ -81,6 +81,19 @@ class SessionStats:
     latency_log2_us: array[int] = field(default_factory=lambda: array("Q", bytes(8 * LAT_BUCKETS)))
     """Histogram of fault service time (message read -> installed): bucket i holds times below
     2**i * 1.024 us (shifts, not divisions, on the fault path)."""
+    in_place: array[int] = field(default_factory=lambda: array("q", [0]))
+    """Pages in place (or resolved by an event), counted the moment they are, by the C fault
+    path too, which shares this cell: what completion is decided on. ``pages_filled`` is the
+    same count as reported, with the C path's share added when its counters are folded in."""
+
+    def count_filled(self, n: int) -> None:
+        """``n`` more pages are in place (Python's side: the C path counts its own in in_place)."""
+        self.pages_filled += n
+        self.in_place[0] += n
+
+    @property
+    def all_in_place(self) -> bool:
+        return self.in_place[0] >= self.pages_total
 
     def book(self, wait: Wait) -> None:
         """The page ``wait`` faulted on is in place: book the vCPU's wait, once."""

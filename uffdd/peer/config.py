@@ -188,6 +188,10 @@ class PeerLinkConfig(_SecretMixin):
     """A connection that received nothing for this long (pings included) is declared dead."""
     max_inflight: int = Field(default=256, ge=1, le=65536)
     checksum_retries: int = Field(default=5, ge=0, le=1000)
+    native: bool = True
+    """Run the urgent connection in C (without TLS, where the extension is built): demand
+    faults are then sent, checked and installed without the interpreter. Same protocol, same
+    checks; off: the Python connection."""
 
     @model_validator(mode="after")
     def _check_link(self) -> Any:
@@ -222,6 +226,9 @@ class ServeConfig(_SecretMixin):
     tls: ServerTls | None = None
     compression: bool = True
     """Offer lz4 (used per block, only when it pays off)."""
+    native: bool = True
+    """Answer urgent connections without TLS in C (where the extension is built): a demand
+    fault's READ is read, checksummed, tagged and sent without the interpreter."""
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     limits: ServeLimits = ServeLimits()

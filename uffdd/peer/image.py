@@ -77,6 +77,12 @@ class Image:
         end = max((b for _, b in ext), default=0)
         return cls(name, fd, size=end, extents=ext, kind="memfd", description=f"memfd of {name}")
 
+    def dup_fd(self) -> int:
+        """A duplicate of the image's fd, for a reader in C (it closes its copy itself)."""
+        if self._closing or self._fd < 0:
+            raise ImageError(f"image {self.name!r} was withdrawn")
+        return os.dup(self._fd)
+
     def in_bounds(self, offset: int, length: int) -> bool:
         """Within the size announced in WELCOME (outside it is a protocol error)."""
         return offset + length <= self.size

@@ -150,7 +150,7 @@ async def run_serve(config: ServeConfig, *, ready: Callable[[tuple[str, int]], N
         log.warning("no_secret_configured", detail="clients are not authenticated; serving loopback only")
     images = load_images(config)
     server = PeerServer(images, config.limits, secret=secret, compression=config.compression,
-                        ssl_context=config.tls.context() if config.tls else None)
+                        ssl_context=config.tls.context() if config.tls else None, native=config.native)
     try:
         address = await server.start(host, port)
     except OSError as exc:

@@ -25,6 +25,7 @@ import structlog
 from uffdd.peer import protocol as p
 from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
+from uffdd.peer.responder import UrgentResponder, hand_over, responder_available
 
 log = structlog.get_logger("uffdd.serve")
 
@@ -70,7 +71,7 @@ class _Req:
         self.count = count
 
 
-_HELLO, _AUTH, _READY, _CLOSING = range(4)
+_HELLO, _AUTH, _READY, _CLOSING, _NATIVE = range(5)
 
 
 class ServerConnection(asyncio.Protocol):
@@ -105,6 +106,8 @@ class ServerConnection(asyncio.Protocol):
         self._ring: list[bytearray] = []
         self._ring_next = 0
         self._log = log
+        self.native: UrgentResponder | None = None
+        """Set once the connection runs in C (:mod:`uffdd.peer.responder`)."""
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -128,6 +131,8 @@ class ServerConnection(asyncio.Protocol):
         self._timer = self._loop.call_later(self.limits.handshake_timeout, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == _NATIVE:
+            return  # the socket lives on in the responder
         self.state = _CLOSING
         self.server.connections.discard(self)
         if self._timer is not None:
@@ -155,13 +160,13 @@ class ServerConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.state == _CLOSING:
+        if self.state in (_CLOSING, _NATIVE):
             return
         self.last_rx = self._loop.time()
         try:
             for frame in self.decoder.frames(data):  # one at a time: AUTH turns tags on for what follows
                 self._handle(frame)
-                if self.state == _CLOSING:
+                if self.state in (_CLOSING, _NATIVE):  # nothing may follow AUTH before WELCOME
                     return
         except p.ProtocolError as exc:
             if exc.code is p.ErrorCode.TAMPERED:
@@ -176,6 +181,7 @@ class ServerConnection(asyncio.Protocol):
         """Tell the client what it did wrong, then drop this connection (only this one)."""
         if self.state == _CLOSING:
             return
+        native = self.state == _NATIVE
         self.state = _CLOSING
         self.server.stats.count_error(exc.code)
         if exc.code in (p.ErrorCode.AUTH_FAILED, p.ErrorCode.AUTH_REQUIRED):
@@ -186,6 +192,9 @@ class ServerConnection(asyncio.Protocol):
         self.large.clear()
         if self._pump_task is not None:
             self._pump_task.cancel()
+        if native and self.native is not None:
+            self.native.fail(exc)
+            return
         t = self.transport
         if t is None:
             return
@@ -283,7 +292,34 @@ class ServerConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(p.encode_frame(p.FrameType.WELCOME, w.encode(), sealer=self.sealer))
         self._log = self._log.bind(image=image.name, role=self.role.name.lower())
-        self._log.info("peer_connected")
+        if (self.role is p.Role.URGENT and self.server.native and self.server.ssl_context is None
+                and responder_available()):
+            try:
+                image_fd = image.dup_fd()
+            except ImageError:
+                image_fd = -1
+            fd = hand_over(self.transport) if image_fd >= 0 else None
+            if fd is not None:
+                self.state = _NATIVE
+                if self._timer is not None:
+                    self._timer.cancel()
+                self.native = UrgentResponder(self, fd, image_fd, image, self.sealer, self.decoder.opener)
+            elif image_fd >= 0:
+                os.close(image_fd)
+        self._log.info("peer_connected", native=self.native is not None)
+
+    def native_closed(self) -> None:
+        """The responder closed the connection: it is gone from the server's books."""
+        self.state = _CLOSING
+        self.server.connections.discard(self)
+        self._log.debug("peer_disconnected")
+
+    def abort(self) -> None:
+        """Drop the connection now, without a word."""
+        if self.native is not None:
+            self.native.close()
+        elif self.transport is not None:
+            self.transport.abort()
 
     def _on_read(self, f: p.Frame) -> None:
         if f.id in self.inflight:
@@ -408,6 +444,8 @@ class ServerConnection(asyncio.Protocol):
         self.fail(p.ProtocolError(p.ErrorCode.SHUTTING_DOWN, "server shutting down"))
 
     def flush_counts(self) -> None:
+        if self.native is not None:
+            self.native.fold_stats()
         s, c = self.server.stats, self.counts
         s.blocks_raw += c.raw
         s.blocks_zero += c.zero
@@ -421,7 +459,7 @@ class PeerServer:
 
     def __init__(self, images: dict[str, Image] | None = None, limits: ServeLimits | None = None, *,
                  secret: bytes | None = None, compression: bool = True,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, native: bool = True) -> None:
         """``limits`` as configured (``limits:`` of the serve config); beside them what was
         resolved from the config: the secret's bytes and the TLS context."""
         self.images: dict[str, Image] = dict(images or {})
@@ -429,6 +467,8 @@ class PeerServer:
         self.secret = secret
         self.compression = compression
         self.ssl_context = ssl_context
+        self.native = native
+        """Urgent connections without TLS run in C (:mod:`uffdd.peer.responder`) where it is built."""
         self.stats = ServerStats()
         self.connections: set[ServerConnection] = set()
         self.last_urgent = 0.0
@@ -478,8 +518,7 @@ class PeerServer:
                 break
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
         for image in self.images.values():
             image.close()
         self.images.clear()
@@ -487,5 +526,4 @@ class PeerServer:
     def drop_connections(self) -> None:
         """Abort every client connection at once (tests: a server-side view of a broken link)."""
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()

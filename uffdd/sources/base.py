@@ -63,6 +63,12 @@ class PageSource(ABC):
         Lets the C fast path read without calling back into Python. Default: None."""
         return None
 
+    def native_link(self) -> object | None:
+        """A C peer link (``uffdd.peer._native.Link``) the C fault path may send its demand fills
+        to directly; it checks and writes the bytes into guest memory exactly as :meth:`fill`
+        would have. Default: None."""
+        return None
+
     def fill_nowait(self, offset: int, dest: memoryview) -> bool:
         """Try to fill without blocking; False means "use :meth:`fill`". Default: never."""
         return False

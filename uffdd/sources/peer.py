@@ -68,6 +68,10 @@ class PeerSource(PageSource):
         await self.client.fill(offset, memoryview(buf))
         copy_into(dest, buf)
 
+    def native_link(self) -> object | None:
+        """The urgent channel's C link, where it runs one (no TLS, the extension built)."""
+        return self.client.urgent.link
+
     async def prefetch(self, offset: int, dest: memoryview) -> None:
         """Like fill, on the bulk connection: for background transfers that must not delay faults."""
         await self.client.prefetch(offset, dest)

@@ -19,10 +19,16 @@ class PeerClient:
 
     def __init__(self, opts: ClientOptions) -> None:
         self.opts = opts
-        self.stats = PeerStats()
-        self.urgent = Channel(opts, p.Role.URGENT, self.stats)
+        self._stats = PeerStats()
+        self.urgent = Channel(opts, p.Role.URGENT, self._stats)
         self.urgent.on_busy = self._urgent_busy
         self.bulk: Channel | None = None
+
+    @property
+    def stats(self) -> PeerStats:
+        """Both channels' counters, with what the C link did for the fault path added in."""
+        self.urgent.fold_link_stats()
+        return self._stats
 
     def _urgent_busy(self, busy: bool) -> None:
         if self.bulk is not None:
@@ -45,7 +51,7 @@ class PeerClient:
 
     async def prefetch(self, offset: int, dest: memoryview) -> None:
         if self.bulk is None:
-            self.bulk = Channel(self.opts, p.Role.BULK, self.stats, reference=self.urgent)
+            self.bulk = Channel(self.opts, p.Role.BULK, self._stats, reference=self.urgent)
             self.bulk.hold(self.urgent.busy)
         await self.bulk.read(offset, dest)
 

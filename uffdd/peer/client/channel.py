@@ -21,7 +21,8 @@ import structlog
 
 from uffdd.errors import SourceError, SourceUnavailable
 from uffdd.peer import protocol as p
-from uffdd.peer.client.connection import MAX_CLIENT_BLOCKS, ClientConnection, Request
+from uffdd.peer.client.connection import MAX_CLIENT_BLOCKS, ClientConnection, Connection, Request
+from uffdd.peer.client.native import NativeConnection, new_link
 from uffdd.peer.client.options import ClientOptions, PeerRefused, PeerStats
 
 log = structlog.get_logger("uffdd.peer")
@@ -43,7 +44,11 @@ class Channel:
         self.welcome: p.Welcome | None = None
         self._pending: dict[int, Request] = {}
         self._unsent: deque[Request] = deque()
-        self._conn: ClientConnection | None = None
+        self._conn: Connection | None = None
+        self.link = new_link(opts.config.checksum_retries) if (
+            role is p.Role.URGENT and opts.config.native and opts.ssl_context is None) else None
+        """The C link this channel's connections run on (urgent, no TLS, extension built), or None."""
+        self._link_seen = {"owner_requests": 0, "owner_resent": 0, "checksum_failures": 0}
         self.inflight = 0
         self._epoch = 0
         self._next = 0
@@ -92,6 +97,19 @@ class Channel:
                 await self._runner
         self._fail_all(SourceError("peer source closed"))
 
+    def fold_link_stats(self) -> None:
+        """Count what the link did for the C fault path (its own requests, which this channel
+        never sees) into the stats."""
+        if self.link is None:
+            return
+        now = self.link.stats
+        seen = self._link_seen
+        st = self.stats
+        st.requests += now["owner_requests"] - seen["owner_requests"]
+        st.requests_resent += now["owner_resent"] - seen["owner_resent"]
+        st.checksum_failures += now["checksum_failures"] - seen["checksum_failures"]
+        self._link_seen = {k: now[k] for k in seen}
+
     def request(self, req_id: int) -> Request | None:
         """The request with this id that is waiting for its answer, if any."""
         return self._pending.get(req_id)
@@ -111,7 +129,7 @@ class Channel:
         return self._failed
 
     # -- connection management -------------------------------------------------------------
-    async def _connect(self) -> tuple[ClientConnection, p.Welcome]:
+    async def _connect(self) -> tuple[Connection, p.Welcome]:
         loop = asyncio.get_running_loop()
         opts = self.opts
         self._epoch += 1
@@ -125,10 +143,13 @@ class Channel:
                     ssl_handshake_timeout=opts.config.connect_timeout if opts.ssl_context else None)
                 conn = proto
                 welcome = await conn.handshake()
+            self._check_welcome(welcome)  # before a single request goes out on it
         except BaseException:
             if conn is not None:
                 conn.abort("handshake failed")
             raise
+        if self.link is not None:
+            return NativeConnection(self, conn, welcome, self.link), welcome
         return conn, welcome
 
     def _check_welcome(self, w: p.Welcome) -> None:
@@ -146,11 +167,6 @@ class Channel:
         while not self._closed:
             try:
                 conn, welcome = await self._connect()
-                try:
-                    self._check_welcome(welcome)
-                except SourceError:
-                    conn.abort("another image")
-                    raise
             except SourceError as exc:
                 if isinstance(exc, PeerRefused):
                     self._note_failure(exc, attempt + 1, delay)
@@ -210,8 +226,10 @@ class Channel:
             self._log.error("peer_unreachable", seconds=round(down, 1), deadline=self.opts.config.deadline,
                             failed_requests=len(self._pending), error=self.stats.last_error)
             self._fail_all(self._failed)
+            if self.link is not None:
+                self.link.unavailable()  # the C fault path's requests fail too, and go to Python's retries
 
-    def _on_connected(self, conn: ClientConnection, welcome: p.Welcome, attempt: int) -> None:
+    def _on_connected(self, conn: Connection, welcome: p.Welcome, attempt: int) -> None:
         loop = asyncio.get_running_loop()
         first = self.welcome is None
         self.welcome = welcome
@@ -242,7 +260,7 @@ class Channel:
         self._ready.set()
         self._pump()
 
-    def _on_lost(self, conn: ClientConnection, reason: str) -> None:
+    def _on_lost(self, conn: Connection, reason: str) -> None:
         self._conn = None
         self.inflight = 0
         self.stats.link_losses += 1
@@ -281,7 +299,7 @@ class Channel:
     # -- requests --------------------------------------------------------------------------
     def _new_id(self) -> int:
         while True:
-            self._next = (self._next % 0xFFFFFFFF) + 1
+            self._next = (self._next % 0x7FFFFFFF) + 1  # ids from 2**31 up are the C fault path's
             if self._next not in self._pending:
                 return self._next
 
@@ -360,6 +378,8 @@ class Channel:
     def _orphan(self, req: Request) -> None:
         """Nobody waits for ``req`` any more: its bytes, if they still come, are discarded."""
         req.dest = None
+        if req.sent and self._conn is not None:
+            self._conn.discard(req.id)
         if not req.sent:
             self._pending.pop(req.id, None)
             with contextlib.suppress(ValueError):

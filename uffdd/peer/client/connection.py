@@ -43,6 +43,22 @@ class Request:
 
 
 
+class Connection(Protocol):
+    """What a channel drives: one connection at a time, Python's or the C link's (:mod:`.native`)."""
+
+    epoch: int
+    ready: bool
+    closed: asyncio.Future[str]
+    close_reason: str
+
+    @property
+    def usable(self) -> bool: ...
+    def hold(self, on: bool) -> None: ...
+    def send_read(self, req: Request) -> None: ...
+    def discard(self, req_id: int) -> None: ...
+    def abort(self, reason: str, send: p.ProtocolError | None = None) -> None: ...
+
+
 class Requests(Protocol):
     """What a connection needs of its channel: the requests it may answer, and where to report."""
 
@@ -53,6 +69,7 @@ class Requests(Protocol):
     inflight: int
 
     def request(self, req_id: int) -> Request | None: ...
+    def fold_link_stats(self) -> None: ...
     def on_data(self, req: Request, blocks: int, ok: bool) -> None: ...
     def on_request_error(self, req: Request, code: p.ErrorCode | None, msg: str) -> None: ...
 
@@ -171,6 +188,24 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._expect.set_exception(ConnectionResetError(self.close_reason))
         if not self.closed.done():
             self.closed.set_result(self.close_reason)
+
+    def hand_over(self) -> None:
+        """The socket goes on under other management (a duplicate of its fd, :mod:`.native`): stop
+        reading it and let go of our copy, without a word on it and without reporting a loss."""
+        self._dead = True
+        self.close_reason = "handed over"
+        if self._ka is not None:
+            self._ka.cancel()
+        if self._valve is not None:
+            self._valve.cancel()
+        t = self.transport
+        if t is not None:
+            t.pause_reading()
+            t.abort()
+
+    def discard(self, req_id: int) -> None:
+        """Nobody waits for ``req_id`` any more (its bytes are dropped when they come: the
+        reader finds no destination)."""
 
     def abort(self, reason: str, send: p.ProtocolError | None = None) -> None:
         """Drop this connection now (the channel reconnects and re-sends)."""
