@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +16,10 @@ import pytest
 import uffdd
 
 
-def uffdd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def uffdd_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # A wide console, so rich never folds a table cell the assertions look for.
-    env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "uffdd", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False, env=env)
+                          timeout=timeout, check=False, env={**os.environ, "COLUMNS": "200", **(env or {})})
 
 
 def pages_wrong_line(output: str) -> str:
@@ -63,6 +63,32 @@ def test_check_json_reports_usable_with_each_memory_type_and_event() -> None:
     assert checks["feature MINOR_SHMEM"]["ok"] is True
     assert checks["C fast path"]["ok"] is True and checks["C fast path"]["required"] is False
     assert all(c["ok"] for c in report["checks"] if c["required"])
+
+
+def _peer_checks(env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    done = uffdd_cli("check", "--json", env=env)
+    assert done.returncode == 0, done.stderr  # optional: uffdd works without them
+    return {c["name"]: c for c in json.loads(done.stdout)["checks"] if c["name"].startswith("peer ")}
+
+
+def test_check_reports_the_peer_extensions_and_what_stands_in_when_they_are_not_built(tmp_path: Path) -> None:
+    built = _peer_checks()
+    wire, link = built["peer checksums and tags in C"], built["peer urgent link in C"]
+    assert wire["ok"] is True and wire["required"] is False and wire["detail"].startswith("built (crc32c with ")
+    assert link["ok"] is True and link["required"] is False and "run in C at both ends" in link["detail"]
+    # What a host without a C compiler gets: neither module can be imported.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NotBuilt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in ('uffdd.peer._wire', 'uffdd.peer._native'):\n"
+        "            raise ImportError('not built')\n"
+        "sys.meta_path.insert(0, _NotBuilt())\n")
+    missing = _peer_checks({"PYTHONPATH": str(tmp_path)})
+    wire, link = missing["peer checksums and tags in C"], missing["peer urgent link in C"]
+    assert wire["ok"] is False and "the crc32c and cryptography packages compute" in wire["detail"]
+    assert link["ok"] is False and link["detail"].startswith("not built")
+    assert "run in Python at both ends" in link["detail"]
 
 
 def test_check_without_json_prints_a_table_and_the_verdict() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import mmap
 import os
 import platform
@@ -107,6 +108,29 @@ def _fast_path() -> Check:
                  required=False)
 
 
+def _peer_wire() -> Check:
+    name = "peer checksums and tags in C"
+    try:
+        wire = importlib.import_module("uffdd.peer._wire")
+    except ImportError as exc:
+        return Check(name, False, f"not built ({exc}): the crc32c and cryptography packages compute the peer "
+                     "link's block checksums and frame tags (slower); reinstall with a C compiler present",
+                     required=False)
+    return Check(name, True, f"built (crc32c with {wire.CRC32C_IMPL}): the peer link's block checksums (`uffdd "
+                 "serve`) and frame tags (both ends) are computed in C", required=False)
+
+
+def _peer_link() -> Check:
+    from uffdd.peer.native import STATUS, module
+
+    name = "peer urgent link in C"
+    if module is None:
+        return Check(name, False, f"{STATUS}: urgent peer connections run in Python at both ends; reinstall "
+                     "with a C compiler present", required=False)
+    return Check(name, True, "built: urgent peer connections without TLS run in C at both ends (native: true), "
+                 "and the C fast path sends its demand fills over them", required=False)
+
+
 def _user_mode_only_refuses_kernel_faults() -> str:
     """Show, on a real user-mode-only userfaultfd, what a VMM opening one gets: a kernel-mode
     access (as KVM's) to a registered page fails at once instead of waiting for the handler."""
@@ -159,6 +183,8 @@ def run_checks() -> list[Check]:
         required=False))
     checks.append(_fast_path())
     checks.append(_memguard())
+    checks.append(_peer_wire())
+    checks.append(_peer_link())
     checks.append(_unprivileged_vmms())
     opened = False
     vias: tuple[Literal["syscall", "device"], ...] = ("syscall", "device")
