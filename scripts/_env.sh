@@ -12,7 +12,7 @@ fi
 changed() { [ ! -f "$stamp" ] || [ "$ROOT/$1" -nt "$stamp" ]; }
 if changed pyproject.toml || changed setup.py || changed uffdd/core/_fastpath.c || changed uffdd/kernel/_memguard.c \
         || changed uffdd/csrc/guard.h || changed uffdd/peer/_wire.c || changed uffdd/csrc/wire.h \
-        || changed uffdd/peer/_native.c || changed uffdd/peer/_responder.c || changed uffdd/csrc/frame.h \
+        || changed uffdd/peer/_native.c || changed uffdd/peer/_responder.c || changed uffdd/peer/_bulk.c || changed uffdd/csrc/frame.h \
         || changed uffdd/csrc/link_api.h; then
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"

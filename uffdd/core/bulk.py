@@ -9,6 +9,10 @@ this module fetches them and hands complete runs to :meth:`Guest.install_run`.
   overwritten); for hugetlbfs, which has no write(2), the huge pages are allocated in one
   madvise and read into with ``preadv``; anonymous guests are read into a private buffer
   that UFFDIO_COPY takes from.
+- A source that receives into guest memory itself, off the event loop (:meth:`PageSource.direct_bulk`:
+  a peer's bulk link in C) is given the run's pages in the memory file and a claim byte per page;
+  a demand fault takes a page whose bytes have not started arriving (:meth:`BulkFetcher.steal`),
+  and waits for one being written. Each part is installed as soon as it is checked.
 - Any other source is asked for its slow path (:meth:`PageSource.prefetch`) into a private
   buffer, so that a demand fault on one of those pages can take it over (:meth:`BulkFetcher.steal`)
   and fetch it urgently; only pages nobody took over are copied into guest memory.
@@ -32,6 +36,7 @@ from uffdd.core.stats import SessionStats, Wait
 from uffdd.errors import GuestMemoryGone, PagePoisoned, SourceError
 from uffdd.kernel.memory import PrivateBuffer, copy_into, populate
 from uffdd.sources import PageSource
+from uffdd.sources.base import DirectReceiver
 
 INSTALL_STEP = 256 << 10
 """Bytes of background pages installed at once before the fault loop gets its turn."""
@@ -98,11 +103,13 @@ class PrefetchHost(Protocol):
 
 
 class _InFlight:
-    __slots__ = ("frozen", "lo", "n", "region", "stolen")
+    __slots__ = ("claims", "frozen", "lo", "n", "region", "stolen")
 
-    def __init__(self, region: Region, lo: int, n: int) -> None:
+    def __init__(self, region: Region, lo: int, n: int, claims: memoryview | None = None) -> None:
         self.region, self.lo, self.n = region, lo, n
         self.stolen: set[int] = set()
+        self.claims = claims
+        """Direct runs: a claim byte per page (:class:`DirectReceiver`); the receiver arbitrates."""
         self.frozen = False
         """The bytes are here: a demand fault waits for the local copy instead of taking over."""
 
@@ -134,6 +141,10 @@ class BulkFetcher:
         self._pool: ThreadPoolExecutor | None = None
         self._src_map: mmap.mmap | None = None
         self._inflight: list[_InFlight] = []
+        self._direct: DirectReceiver | None = None
+        self._claims: memoryview | None = None
+        if not (host.anonymous or host.hugetlb or host.memfd is None):
+            self._direct = source.direct_bulk()
 
     async def fetch(self, runs: list[Run], path: str) -> None:
         """Fill ``runs`` and install them. A source error is retried with backoff, and only
@@ -151,7 +162,10 @@ class BulkFetcher:
         fd = self.source.backing_fd()
         if fd is None:
             for r, i, n in runs:
-                await self._fetch_slow(r, i, n, path)
+                if self._direct is not None:
+                    await self._fetch_direct(self._direct, r, i, n, path)
+                else:
+                    await self._fetch_slow(r, i, n, path)
         elif self.host.anonymous:
             await self._retrying(lambda: self._fetch_private(fd, runs, path), runs)
         else:
@@ -227,6 +241,37 @@ class BulkFetcher:
             self._inflight.remove(run)
             _BUFFERS.give(buf)
 
+    async def _fetch_direct(self, direct: DirectReceiver, r: Region, i: int, n: int, path: str) -> None:
+        """One run received into guest memory by the source's own thread; each checked part is
+        installed at once. On a source error, what did not arrive goes back to EMPTY (demand
+        faults or a later pass fetch it); a memory file the VMM shrank ends the session."""
+        if self._claims is None:
+            self._claims = memoryview(bytearray(self.host.regions.pages))
+        claims = self._claims[r.base + i : r.base + i + n]
+        claims[:] = bytes(n)
+        run = _InFlight(r, i, n, claims)
+        self._inflight.append(run)
+
+        def on_frame(first: int, k: int, ok: bool) -> None:
+            want = _FROZEN if ok else _FREE  # frozen: in place and checked; free: failed, unfrozen
+            for p, q in _spans(claims, first, first + k, want):
+                if ok:
+                    self.host.install_run(r, i + p, q - p, path)
+                else:
+                    self.host.release_claims([(r, i + p, q - p)])
+
+        try:
+            with r.mem[i << r.shift : (i + n) << r.shift] as dest:
+                await direct.fetch(r.file_offset(i), dest, claims, on_frame)
+        except (SourceError, OSError) as exc:
+            if isinstance(exc, GuestMemoryGone):
+                raise
+            self.host.stats.source_errors += 1
+            self.host.log.warning("prefetch_failed", error=str(exc), pages=n)
+            self.host.release_claims([(r, i + p, q - p) for p, q in _spans(claims, 0, n, _FREE)])
+        finally:
+            self._inflight.remove(run)
+
     def _write_pieces(self, run: _InFlight, pieces: list[tuple[int, int]], buf: PrivateBuffer) -> None:
         """Worker thread: the run's pieces into the memory file. shmem: pwrite (the kernel
         allocates the pages, no zeroing, no fault per page); hugetlbfs, which has no write(2):
@@ -253,6 +298,9 @@ class BulkFetcher:
         writes into a private buffer, the fault takes the page over and fetches it urgently."""
         for run in self._inflight:
             if run.region is r and run.lo <= idx < run.lo + run.n and idx not in run.stolen and not run.frozen:
+                direct = self._direct
+                if run.claims is not None and direct is not None and not direct.take(run.claims, idx - run.lo):
+                    return False  # its bytes are being written: the fault waits for them
                 run.stolen.add(idx)
                 return True
         return False
@@ -306,6 +354,26 @@ class BulkFetcher:
         if self._src_map is not None:
             self._src_map.close()
             self._src_map = None
+
+
+_FREE, _FROZEN = 0, 2
+"""Claim bytes of a direct run (:class:`DirectReceiver`)."""
+
+
+def _spans(claims: memoryview, lo: int, hi: int, want: int) -> list[tuple[int, int]]:
+    """[p, q) runs within [lo, hi) whose claim byte is ``want``."""
+    out: list[tuple[int, int]] = []
+    p = lo
+    while p < hi:
+        if claims[p] != want:
+            p += 1
+            continue
+        q = p + 1
+        while q < hi and claims[q] == want:
+            q += 1
+        out.append((p, q))
+        p = q
+    return out
 
 
 def _read_fully(fd: int, dest: memoryview, offset: int) -> None:

@@ -19,7 +19,7 @@ static PyObject *raise_gone(void)
 }
 
 /* copy(dest, src): copy src into dest (same length); OSError(EFAULT) if dest is not there. */
-static PyObject *memguard_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *memguard_copy(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
 {
 	Py_buffer dst, src;
 	int rc;
@@ -56,7 +56,7 @@ static PyObject *memguard_copy(PyObject *self, PyObject *const *args, Py_ssize_t
 }
 
 /* zero(dest): fill dest with zeros; OSError(EFAULT) if it is not there. */
-static PyObject *memguard_zero(PyObject *self, PyObject *arg)
+static PyObject *memguard_zero(PyObject *Py_UNUSED(self), PyObject *arg)
 {
 	Py_buffer dst;
 	int rc;

@@ -40,6 +40,7 @@
 #define MAX_REQUESTS 2048
 
 int native_add_responder(PyObject *module);
+int native_add_bulk(PyObject *module);
 
 enum { K_FREE = 0, K_OWNER, K_PY, K_DROPPED };
 
@@ -61,7 +62,7 @@ typedef struct {
 	int keyed, attached, unavailable;
 	uint8_t tx_key[WIRE_KEY_SIZE], rx_key[WIRE_KEY_SIZE];
 	uint64_t tx_seq, rx_seq;
-	uint32_t max_blocks, max_inflight, checksum_retries;
+	uint32_t max_blocks, max_inflight, checksum_retries, max_blocks_cap;
 	struct req *slots; /* open addressing by id */
 	uint32_t count, inflight, unsent;
 	uint32_t next_owner_id;
@@ -75,6 +76,7 @@ typedef struct {
 	unsigned long long frames, checksum_failures, tampered, owner_done, owner_requests, owner_resent;
 	PyObject *events; /* built during receive() */
 	char lost[200];
+	int lost_protocol; /* the server broke the protocol (else: the connection broke) */
 } Link;
 
 static uint64_t now_ns(void)
@@ -223,6 +225,7 @@ static int flush(Link *l)
 static int lose(Link *l, const char *why)
 {
 	snprintf(l->lost, sizeof(l->lost), "%s", why);
+	l->lost_protocol = 1;
 	return -1;
 }
 
@@ -392,6 +395,8 @@ static int parse(Link *l)
 				return lose(l, "tampered: a frame failed its tag");
 			}
 		}
+		if ((h.type == F_ERROR && (h.count || h.offset)) || (h.type == F_DATA && h.aux))
+			return lose(l, h.type == F_ERROR ? "ERROR must have count and offset 0" : "DATA aux field must be 0");
 		l->rx_start += FRAME_HEADER + h.length;
 		l->frames++;
 		int rc = 0;
@@ -425,7 +430,7 @@ static int Link_init(Link *self, PyObject *args, PyObject *kwds)
 		return -1;
 	}
 	self->fd = -1;
-	self->max_blocks = mb;
+	self->max_blocks = self->max_blocks_cap = mb;
 	self->max_inflight = mi;
 	self->checksum_retries = cr;
 	self->next_owner_id = OWNER_ID_BASE;
@@ -531,7 +536,7 @@ static PyObject *Link_attach(Link *self, PyObject *args)
 	}
 	self->tx_seq = tx_seq;
 	self->rx_seq = rx_seq;
-	self->max_blocks = mb < self->max_blocks ? mb : self->max_blocks;
+	self->max_blocks = mb < self->max_blocks_cap ? mb : self->max_blocks_cap; /* this server's limit */
 	self->max_inflight = mi < MAX_REQUESTS ? mi : MAX_REQUESTS;
 	size_t need = FRAME_HEADER + (size_t)self->max_blocks * (FRAME_DESC + FRAME_BLOCK) + FRAME_TAG + 4096;
 	if (self->rx_cap < need) {
@@ -657,7 +662,8 @@ static PyObject *Link_flush(Link *self, PyObject *Py_UNUSED(ignored))
 }
 
 /* receive() -> None, or a list of events: ("data", id, blocks, ok), ("error", id, code, message),
- * ("server", code, message), and last ("lost", reason) when the connection must end. Owner
+ * ("server", code, message), and last ("lost", reason, protocol) when the connection must end
+ * (protocol: the server broke the protocol, else the connection broke). Owner
  * requests are completed inside, through the owner's sink. */
 static PyObject *Link_receive(Link *self, PyObject *Py_UNUSED(ignored))
 {
@@ -665,6 +671,7 @@ static PyObject *Link_receive(Link *self, PyObject *Py_UNUSED(ignored))
 
 	Py_CLEAR(self->events);
 	self->lost[0] = '\0';
+	self->lost_protocol = 0;
 	while (self->fd >= 0) {
 		if (self->rx_start && self->rx_start == self->rx_end)
 			self->rx_start = self->rx_end = 0;
@@ -697,7 +704,7 @@ static PyObject *Link_receive(Link *self, PyObject *Py_UNUSED(ignored))
 		lost = 1;
 		snprintf(self->lost, sizeof(self->lost), "%s", strerror(errno));
 	}
-	if (lost && event(self, Py_BuildValue("(ss)", "lost", self->lost)) < 0)
+	if (lost && event(self, Py_BuildValue("(ssO)", "lost", self->lost, self->lost_protocol ? Py_True : Py_False)) < 0)
 		return NULL;
 	if (!self->events)
 		Py_RETURN_NONE;
@@ -855,7 +862,8 @@ PyMODINIT_FUNC PyInit__native(void)
 		Py_DECREF(m);
 		return NULL;
 	}
-	if (native_add_responder(m) < 0 || PyModule_AddIntConstant(m, "OWNER_ID_BASE", OWNER_ID_BASE) < 0 ||
+	if (native_add_responder(m) < 0 || native_add_bulk(m) < 0 ||
+	    PyModule_AddIntConstant(m, "OWNER_ID_BASE", OWNER_ID_BASE) < 0 ||
 	    PyModule_AddIntConstant(m, "ZERO_CRC", ZERO_CRC_VALUE) < 0 ||
 	    PyModule_AddIntConstant(m, "HEADER_SIZE", FRAME_HEADER) < 0 ||
 	    PyModule_AddIntConstant(m, "DESC_SIZE", FRAME_DESC) < 0 || PyModule_AddIntConstant(m, "TAG_SIZE", FRAME_TAG) < 0 ||

@@ -14,6 +14,8 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -64,7 +66,20 @@ typedef struct {
 	PyObject *events;
 	char lost[200];
 	int lost_code;
+	/* Bulk mode: run by serve() on a thread of its own, without the GIL. */
+	int bulk, wake_fd, stop;
+	uint32_t peer_code;
+	char peer_error[FRAME_MAX_ERROR + 1]; /* an ERROR from the client, kept for Python */
+	int peer_error_len;
+	uint64_t last_chunk_ns;
 } Responder;
+
+#define CHUNK_BLOCKS 64 /* a bulk READ goes out as frames of at most this many blocks */
+#define TX_HIGH_BULK (1u << 20) /* bulk: queue no more than this, so small READs overtake large ones */
+#define URGENT_QUIET_NS 2000000ull /* after an urgent READ, bulk gets one chunk per this many ns */
+
+/* When an urgent READ last came in, on any connection of this process. */
+static uint64_t urgent_last_ns;
 
 static const uint8_t zero_block[FRAME_BLOCK];
 
@@ -103,7 +118,7 @@ static int resp_room(Responder *s, size_t n)
 	size_t cap = s->tx_cap ? s->tx_cap * 2 : 1 << 16;
 	while (cap < s->tx_len + n)
 		cap *= 2;
-	uint8_t *p = PyMem_Realloc(s->tx, cap);
+	uint8_t *p = realloc(s->tx, cap);
 	if (!p)
 		return -1;
 	s->tx = p;
@@ -270,6 +285,47 @@ static void drop_inflight(Responder *s, struct inflight *e)
 	s->ninflight--;
 }
 
+/* Bulk mode (a thread of its own, no GIL): the next chunk of READ e, read with a plain blocking
+ * preadv; the READ stays waiting until its last chunk is queued. A range the image no longer
+ * holds (a live guest's memory file shrank) is answered with IO_ERROR. */
+static int answer_chunk(Responder *s, struct inflight *e)
+{
+	uint32_t n = e->count < CHUNK_BLOCKS ? e->count : CHUNK_BLOCKS;
+	size_t len = (size_t)n << FRAME_BLOCK_SHIFT, done = 0;
+	uint32_t id = e->id;
+	int rc;
+
+	while (done < len) {
+		ssize_t got = pread(s->image_fd, s->block_buf + done, len - done, (off_t)(e->offset + done));
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0)
+			break;
+		done += (size_t)got;
+	}
+	if (done < len) {
+		char why[160];
+		snprintf(why, sizeof(why), "image ends or failed at %#llx, inside the requested range",
+			 (unsigned long long)(e->offset + done));
+		s->read_errors++;
+		rc = resp_error(s, id, E_IO_ERROR, why);
+		e->count = n; /* over with this frame */
+	} else {
+		rc = resp_data(s, id, e->offset, s->block_buf, n);
+	}
+	e = find_inflight(s, id);
+	if (!e)
+		return rc;
+	if (e->count > n) {
+		e->offset += len;
+		e->count -= n;
+		return rc;
+	}
+	e->state = R_QUEUED;
+	e->tx_end = s->tx_queued;
+	return rc;
+}
+
 /* Answer READ e (its range was checked when it came): from the page cache at once, or, when
  * that would wait for a disk, by Python in a thread ("read" event, then send_data()). */
 static int answer(Responder *s, struct inflight *e)
@@ -282,6 +338,8 @@ static int answer(Responder *s, struct inflight *e)
 			 (unsigned long long)len);
 		s->read_errors++;
 		e->state = R_QUEUED;
+	} else if (s->bulk) {
+		return answer_chunk(s, e);
 	} else {
 		struct iovec iov = { s->block_buf, len };
 		ssize_t got = preadv2(s->image_fd, &iov, 1, (off_t)e->offset, s->rwf);
@@ -306,9 +364,61 @@ static int answer(Responder *s, struct inflight *e)
 	return rc;
 }
 
+/* Bulk mode: ns to wait before the next chunk (an urgent READ came in lately), else 0. At most one
+ * chunk per URGENT_QUIET_NS goes out while urgent READs keep coming. */
+static uint64_t quiet_left(Responder *s)
+{
+	uint64_t now = resp_now_ns(), last = __atomic_load_n(&urgent_last_ns, __ATOMIC_RELAXED);
+	if (now - last >= URGENT_QUIET_NS || now - s->last_chunk_ns >= URGENT_QUIET_NS)
+		return 0;
+	return URGENT_QUIET_NS - (now - s->last_chunk_ns);
+}
+
+/* Forget the READs whose answers are wholly written. */
+static void drop_written(Responder *s)
+{
+	for (uint32_t i = 0; i < s->ninflight;) {
+		struct inflight *e = &s->inflight[i];
+		if (e->state == R_QUEUED && e->tx_end <= s->tx_sent)
+			drop_inflight(s, e);
+		else
+			i++;
+	}
+}
+
+/* Bulk mode: chunks while the socket keeps up and no urgent READ asks for quiet; small READs
+ * first, then one chunk of the oldest large one, then small ones again (they overtake it). */
+static int progress_bulk(Responder *s)
+{
+	drop_written(s);
+	while (s->tx_len < TX_HIGH_BULK && !quiet_left(s)) {
+		struct inflight *pick = NULL;
+		for (uint32_t i = 0; i < s->ninflight; i++) {
+			struct inflight *e = &s->inflight[i];
+			if (e->state != R_WAITING)
+				continue;
+			if (e->count <= CHUNK_BLOCKS) {
+				pick = e;
+				break;
+			}
+			if (!pick)
+				pick = e;
+		}
+		if (!pick)
+			return 0;
+		s->last_chunk_ns = resp_now_ns();
+		if (answer(s, pick) < 0)
+			return -1;
+		drop_written(s);
+	}
+	return 0;
+}
+
 /* Forget what is wholly written; answer waiting READs while the socket keeps up. */
 static int progress(Responder *s)
 {
+	if (s->bulk)
+		return progress_bulk(s);
 	for (uint32_t i = 0; i < s->ninflight;) {
 		struct inflight *e = &s->inflight[i];
 		if (e->state == R_QUEUED && e->tx_end <= s->tx_sent) {
@@ -330,6 +440,7 @@ static int on_read(Responder *s, const struct frame_header *h)
 	uint64_t len = (uint64_t)h->count << FRAME_BLOCK_SHIFT;
 	char why[160];
 
+	drop_written(s); /* an id may be reused, and the limit counts, once its answer is written */
 	if (find_inflight(s, h->id)) {
 		snprintf(why, sizeof(why), "request id %u is already in flight", h->id);
 		return resp_lose(s, E_BAD_ID, why);
@@ -338,14 +449,16 @@ static int on_read(Responder *s, const struct frame_header *h)
 		snprintf(why, sizeof(why), "more than %u requests in flight", s->max_inflight);
 		return resp_lose(s, E_TOO_MANY_REQUESTS, why);
 	}
-	if (h->offset + len > s->image_size) {
+	if (h->offset > s->image_size || len > s->image_size - h->offset) {
 		snprintf(why, sizeof(why), "READ %#llx+%#llx is outside the image (%#llx bytes)",
 			 (unsigned long long)h->offset, (unsigned long long)len, (unsigned long long)s->image_size);
 		return resp_lose(s, E_OUT_OF_RANGE, why);
 	}
 	s->reads++;
+	if (!s->bulk)
+		__atomic_store_n(&urgent_last_ns, resp_now_ns(), __ATOMIC_RELAXED);
 	s->inflight[s->ninflight++] = (struct inflight){ h->id, h->count, h->offset, 0, R_WAITING };
-	return progress(s);
+	return s->bulk ? 0 : progress(s); /* bulk: serve() answers once every READ that came is seen */
 }
 
 static const char *type_name(uint8_t t)
@@ -422,7 +535,7 @@ static int resp_parse(Responder *s)
 		if (s->rx_end - s->rx_start < (size_t)FRAME_HEADER + h.length) {
 			size_t need = (size_t)FRAME_HEADER + h.length;
 			if (need > s->rx_cap) { /* an ERROR near its limit may not fit yet */
-				uint8_t *p = PyMem_Realloc(s->rx, need);
+				uint8_t *p = realloc(s->rx, need);
 				if (!p)
 					return resp_lose(s, 0, "out of memory");
 				s->rx = p;
@@ -456,6 +569,11 @@ static int resp_parse(Responder *s)
 		} else if (h.type == F_PING) {
 			struct frame_header pong = { F_PONG, 0, 0, h.id, 0, 0, 0 };
 			rc = resp_send(s, &pong, NULL, 0);
+		} else if (h.type == F_ERROR && s->bulk) { /* no GIL here: kept for Python */
+			s->peer_code = h.aux;
+			s->peer_error_len = (int)plen;
+			memcpy(s->peer_error, f + FRAME_HEADER, plen);
+			rc = resp_lose(s, 0, "the client reported an error");
 		} else if (h.type == F_ERROR) {
 			rc = resp_event(s, Py_BuildValue("(sIy#)", "error", h.aux, f + FRAME_HEADER, (Py_ssize_t)plen));
 		} else {
@@ -472,14 +590,15 @@ static int resp_parse(Responder *s)
 static int Responder_init(Responder *self, PyObject *args, PyObject *kwds)
 {
 	static char *kwlist[] = { "fd", "image_fd", "image_size", "extents", "tx_key", "rx_key", "tx_seq", "rx_seq",
-				  "max_blocks", "max_inflight", NULL };
+				  "max_blocks", "max_inflight", "bulk", NULL };
 	PyObject *extents, *txo, *rxo, *seq = NULL;
 	unsigned long long size, tx_seq, rx_seq;
 	unsigned int mb, mi;
-	int fd, ifd;
+	int fd, ifd, bulk = 0;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKOOOKKII", kwlist, &fd, &ifd, &size, &extents, &txo, &rxo,
-					 &tx_seq, &rx_seq, &mb, &mi))
+	self->wake_fd = -1;
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiKOOOKKII|p", kwlist, &fd, &ifd, &size, &extents, &txo, &rxo,
+					 &tx_seq, &rx_seq, &mb, &mi, &bulk))
 		return -1;
 	if (self->rx) {
 		PyErr_SetString(PyExc_RuntimeError, "a Responder is set up once");
@@ -498,7 +617,7 @@ static int Responder_init(Responder *self, PyObject *args, PyObject *kwds)
 		PyErr_SetString(PyExc_ValueError, "too many extents");
 		return -1;
 	}
-	self->extents = PyMem_Calloc(n ? (size_t)n : 1, sizeof(struct extent));
+	self->extents = calloc(n ? (size_t)n : 1, sizeof(struct extent));
 	for (Py_ssize_t i = 0; self->extents && i < n; i++) {
 		unsigned long long a, b;
 		if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &a, &b)) {
@@ -532,11 +651,11 @@ static int Responder_init(Responder *self, PyObject *args, PyObject *kwds)
 	}
 	self->max_blocks = mb;
 	self->max_inflight = mi;
-	self->inflight = PyMem_Calloc(mi, sizeof(struct inflight));
+	self->inflight = calloc(mi, sizeof(struct inflight));
 	self->rx_cap = 1 << 16;
-	self->rx = PyMem_Malloc(self->rx_cap);
-	self->block_buf = PyMem_Malloc((size_t)mb << FRAME_BLOCK_SHIFT);
-	self->table = PyMem_Malloc((size_t)mb * FRAME_DESC);
+	self->rx = malloc(self->rx_cap);
+	self->block_buf = malloc((size_t)mb << FRAME_BLOCK_SHIFT);
+	self->table = malloc((size_t)mb * FRAME_DESC);
 	if (!self->extents || !self->rx || !self->block_buf || !self->table || !self->inflight) {
 		PyErr_NoMemory();
 		return -1;
@@ -548,6 +667,11 @@ static int Responder_init(Responder *self, PyObject *args, PyObject *kwds)
 	self->rx_seq = rx_seq;
 	self->rwf = RWF_NOWAIT;
 	self->last_rx_ns = resp_now_ns();
+	self->bulk = bulk;
+	if (bulk && (self->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) {
+		PyErr_SetFromErrno(PyExc_OSError);
+		return -1;
+	}
 	return 0;
 }
 
@@ -558,18 +682,21 @@ static void Responder_close_fds(Responder *self)
 	if (self->image_fd >= 0)
 		close(self->image_fd);
 	self->fd = self->image_fd = -1;
+	if (self->wake_fd >= 0)
+		close(self->wake_fd);
+	self->wake_fd = -1;
 }
 
 static void Responder_dealloc(Responder *self)
 {
 	if (self->rx)
 		Responder_close_fds(self);
-	PyMem_Free(self->extents);
-	PyMem_Free(self->inflight);
-	PyMem_Free(self->rx);
-	PyMem_Free(self->tx);
-	PyMem_Free(self->block_buf);
-	PyMem_Free(self->table);
+	free(self->extents);
+	free(self->inflight);
+	free(self->rx);
+	free(self->tx);
+	free(self->block_buf);
+	free(self->table);
 	Py_CLEAR(self->events);
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -629,6 +756,82 @@ static PyObject *Responder_receive(Responder *self, PyObject *Py_UNUSED(ignored)
 	return out;
 }
 
+/* Bulk mode, without the GIL: take in READs and answer them a chunk at a time until the
+ * connection ends (-1, why in lost/lost_code, or an ERROR from the client in peer_error) or
+ * stop() (0). */
+static int serve_bulk(Responder *s)
+{
+	for (;;) {
+		uint64_t one, quiet = 0;
+		if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE))
+			return 0;
+		if (s->tx_len && resp_flush(s) < 0)
+			return resp_lose(s, 0, strerror(errno));
+		if (progress(s) < 0)
+			return -1;
+		for (uint32_t i = 0; i < s->ninflight && !quiet; i++)
+			if (s->inflight[i].state == R_WAITING && s->tx_len < TX_HIGH_BULK)
+				quiet = quiet_left(s);
+		struct pollfd p[2] = { { s->fd, (short)((s->tx_len < TX_HIGH_BULK ? POLLIN : 0) | (s->tx_len ? POLLOUT : 0)), 0 },
+				       { s->wake_fd, POLLIN, 0 } };
+		int timeout = quiet ? (int)((quiet + 999999) / 1000000) : 1000;
+		if (poll(p, 2, timeout) < 0 && errno != EINTR)
+			return resp_lose(s, 0, strerror(errno));
+		if (p[1].revents & POLLIN)
+			(void)!read(s->wake_fd, &one, sizeof(one));
+		if (!(p[0].revents & (POLLIN | POLLERR | POLLHUP)))
+			continue;
+		if (s->rx_start == s->rx_end)
+			s->rx_start = s->rx_end = 0;
+		if (s->rx_end == s->rx_cap) {
+			memmove(s->rx, s->rx + s->rx_start, s->rx_end - s->rx_start);
+			s->rx_end -= s->rx_start;
+			s->rx_start = 0;
+		}
+		ssize_t n = recv(s->fd, s->rx + s->rx_end, s->rx_cap - s->rx_end, MSG_DONTWAIT);
+		if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
+			continue;
+		if (n <= 0)
+			return resp_lose(s, 0, n == 0 ? "client closed the connection" : strerror(errno));
+		s->rx_end += (size_t)n;
+		s->last_rx_ns = resp_now_ns();
+		if (resp_parse(s) < 0)
+			return -1;
+	}
+}
+
+/* serve() -> None (stop() ended it), ("lost", reason, code) or ("error", code, message): a bulk
+ * connection's whole life, on the calling thread, without the GIL. */
+static PyObject *Responder_serve(Responder *self, PyObject *Py_UNUSED(ignored))
+{
+	int rc;
+
+	if (!self->bulk || self->fd < 0) {
+		PyErr_SetString(PyExc_RuntimeError, "serve() is for a bulk responder with a connection");
+		return NULL;
+	}
+	self->lost[0] = '\0';
+	self->lost_code = 0;
+	self->peer_error_len = -1;
+	Py_BEGIN_ALLOW_THREADS
+	rc = serve_bulk(self);
+	Py_END_ALLOW_THREADS
+	if (rc == 0)
+		Py_RETURN_NONE;
+	if (self->peer_error_len >= 0)
+		return Py_BuildValue("(sIy#)", "error", self->peer_code, self->peer_error, (Py_ssize_t)self->peer_error_len);
+	return Py_BuildValue("(ssi)", "lost", self->lost, self->lost_code);
+}
+
+static PyObject *Responder_stop(Responder *self, PyObject *Py_UNUSED(ignored))
+{
+	uint64_t one = 1;
+	__atomic_store_n(&self->stop, 1, __ATOMIC_RELEASE);
+	if (self->wake_fd >= 0)
+		(void)!write(self->wake_fd, &one, sizeof(one));
+	Py_RETURN_NONE;
+}
+
 /* send_data(id, offset, data): answer a deferred READ with bytes Python read (after a "read"
  * event; flush() and the next receive() move on, answering READs that waited behind it). */
 static PyObject *Responder_send_data(Responder *self, PyObject *args)
@@ -656,6 +859,7 @@ static PyObject *Responder_send_data(Responder *self, PyObject *args)
 		return PyErr_Format(PyExc_OSError, "connection lost: %s", self->lost);
 	e->state = R_QUEUED;
 	e->tx_end = self->tx_queued;
+	drop_written(self);
 	Py_RETURN_NONE;
 }
 
@@ -675,6 +879,7 @@ static PyObject *Responder_send_error(Responder *self, PyObject *args)
 	if (e) {
 		e->state = R_QUEUED;
 		e->tx_end = self->tx_queued;
+		drop_written(self);
 	}
 	Py_RETURN_NONE;
 }
@@ -684,6 +889,7 @@ static PyObject *Responder_flush(Responder *self, PyObject *Py_UNUSED(ignored))
 	int rc = self->fd >= 0 ? resp_flush(self) : -1;
 	if (rc < 0)
 		return PyErr_SetFromErrno(PyExc_OSError);
+	drop_written(self);
 	return PyBool_FromLong(rc);
 }
 
@@ -717,6 +923,8 @@ static PyObject *Responder_get_tx_pending(Responder *self, void *Py_UNUSED(closu
 
 static PyMethodDef Responder_methods[] = {
 	{ "receive", (PyCFunction)Responder_receive, METH_NOARGS, "receive() -> None or a list of events" },
+	{ "serve", (PyCFunction)Responder_serve, METH_NOARGS, "serve() -> None or why it ended (bulk mode; blocks)" },
+	{ "stop", (PyCFunction)Responder_stop, METH_NOARGS, "stop(): make serve() return None" },
 	{ "send_data", (PyCFunction)Responder_send_data, METH_VARARGS, "send_data(id, offset, data)" },
 	{ "send_error", (PyCFunction)Responder_send_error, METH_VARARGS, "send_error(id, code, message)" },
 	{ "flush", (PyCFunction)Responder_flush, METH_NOARGS, "flush() -> whether everything was written" },

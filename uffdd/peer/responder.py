@@ -1,16 +1,25 @@
-"""The source's urgent connection in C: once a plain (non-TLS) urgent connection is
-authenticated, its socket goes to a :class:`uffdd.peer._native.Responder`, which answers each
-READ whose bytes are in the page cache without the interpreter (preadv2, a crc32c per block,
-one tagged DATA frame, one writev) and answers PINGs. What it cannot answer at once comes here:
-a read that must wait for the disk (done in a thread, handed back with ``send_data``, which the
-responder frames in order), a client's ERROR, or the end of the connection, with the protocol
-error to tell the client when the client broke a rule.
+"""The source's connections in C: once a plain (non-TLS) connection is authenticated, its socket
+goes to a :class:`uffdd.peer._native.Responder`.
+
+- Urgent connections stay on the event loop: the responder answers each READ whose bytes are in
+  the page cache without the interpreter (preadv2, a crc32c per block, one tagged DATA frame,
+  one writev) and answers PINGs. What it cannot answer at once comes here: a read that must
+  wait for the disk (done in a thread, handed back with ``send_data``, which the responder
+  frames in order), a client's ERROR, or the end of the connection, with the protocol error to
+  tell the client when the client broke a rule.
+- Bulk connections run on a thread of their own without the GIL (``serve()``): READs are read
+  with plain preadv and sent in chunks of 64 blocks; after an urgent READ on any connection,
+  a bulk connection sends at most one chunk per 2 ms, so demand faults come first on this host.
+
+The same checks, codes and limits as the Python server (:mod:`uffdd.peer.server`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +42,11 @@ def responder_available() -> bool:
     return _native is not None
 
 
-class UrgentResponder:
-    """Runs one urgent connection's READs in C (see the module docstring); reports to ``conn``."""
+class NativeResponder:
+    """Runs one connection's READs in C (see the module docstring); reports to ``conn``."""
 
     def __init__(self, conn: ServerConnection, fd: int, image_fd: int, image: Image, sealer: p.Sealer | None,
-                 opener: p.Opener | None) -> None:
+                 opener: p.Opener | None, *, bulk: bool = False) -> None:
         """Takes ``fd`` (the socket) and ``image_fd`` (a duplicate of the image's)."""
         assert _native is not None
         self.conn = conn
@@ -48,20 +57,57 @@ class UrgentResponder:
         self.r: Any = _native.Responder(
             fd, image_fd, image.size, image.extents, sealer.key if sealer else None,
             opener.key if opener else None, sealer.seq if sealer else 0, opener.seq if opener else 0,
-            conn.limits.max_blocks, conn.limits.max_inflight)
+            conn.limits.max_blocks, conn.limits.max_inflight, bulk)
         self.deferred: dict[int, asyncio.Task[None]] = {}
         self.closed = False
         self._closing = False
         self._writing = False
         self._seen = {"reads": 0, "read_errors": 0, "blocks_raw": 0, "blocks_zero": 0, "payload_bytes": 0}
-        self.loop.add_reader(fd, self._on_readable)
+        self._thread: threading.Thread | None = None
+        self._after: p.ProtocolError | bool | None = None
+        """What to do once the bulk thread returns: fail with this error, or (True) close."""
+        if bulk:
+            self._thread = threading.Thread(target=self._serve, name="uffdd-serve-bulk", daemon=True)
+            self._thread.start()
+        else:
+            self.loop.add_reader(fd, self._on_readable)
         self._timer = self.loop.call_later(conn.limits.idle_timeout / 4, self._idle_check)
+
+    # -- bulk: a thread of its own -------------------------------------------------------------
+    def _serve(self) -> None:
+        with contextlib.suppress(Exception):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # demand faults first
+        result = self.r.serve()
+        with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
+            self.loop.call_soon_threadsafe(self._served, result)
+
+    def _served(self, result: tuple[Any, ...] | None) -> None:
+        self._thread = None
+        after, self._after = self._after, None
+        if isinstance(after, p.ProtocolError):
+            self.fail(after)
+        elif after is not None or result is None:
+            self.close()
+        else:
+            self._handle([result])
+
+    def _stop_thread(self, after: p.ProtocolError | bool) -> bool:
+        """If the bulk thread runs, ask it to stop and do ``after`` when it has; True if it runs."""
+        if self._thread is None:
+            return False
+        if self._after is None or isinstance(after, p.ProtocolError):
+            self._after = after
+        self.r.stop()
+        return True
 
     # -- events --------------------------------------------------------------------------------
     def _on_readable(self) -> None:
         self.server.last_urgent = time.perf_counter()  # bulk pumps step aside for a moment
-        events = self.r.receive()
-        for ev in events or ():
+        self._handle(self.r.receive() or ())
+        self._after_io()
+
+    def _handle(self, events: Any) -> None:
+        for ev in events:
             kind = ev[0]
             if kind == "read":
                 self._defer(ev[1], ev[2], ev[3])
@@ -80,7 +126,6 @@ class UrgentResponder:
                 return
             if self.closed:
                 return
-        self._after_io()
 
     def _after_io(self) -> None:
         """Bytes wait to be written: stop taking requests until they are (a client that does not
@@ -147,11 +192,12 @@ class UrgentResponder:
     def fail(self, exc: p.ProtocolError) -> None:
         """Tell the client what went wrong, after what is queued for it; close once that is
         written, or after CLOSE_GRACE_S for a client that does not read."""
-        if self.closed or self._closing:
+        if self.closed or self._closing or self._stop_thread(exc):
             return
         self._closing = True
         try:
-            self.r.send_error(0, exc.code, exc.message[: p.MAX_ERROR_MESSAGE])
+            message = exc.message.encode()[: p.MAX_ERROR_MESSAGE].decode("utf-8", "ignore")
+            self.r.send_error(0, exc.code, message)
             done = self.r.flush()
         except OSError:
             done = True
@@ -165,7 +211,7 @@ class UrgentResponder:
         self.loop.call_later(CLOSE_GRACE_S, self.close)
 
     def close(self) -> None:
-        if self.closed:
+        if self.closed or self._stop_thread(True):
             return
         self.closed = True
         self._timer.cancel()
@@ -204,4 +250,4 @@ def hand_over(transport: asyncio.Transport) -> int | None:
     return fd
 
 
-__all__ = ["UrgentResponder", "hand_over", "responder_available"]
+__all__ = ["NativeResponder", "hand_over", "responder_available"]

@@ -110,6 +110,10 @@ class ServeCollector(Collector):
         for enc in ("raw", "zero", "lz4"):
             blocks.add_metric([enc], getattr(s, f"blocks_{enc}"))
         yield blocks
+        welcomed = CounterMetricFamily("uffdd_serve_welcomed", "Connections welcomed, by role", labels=["role"])
+        for role in ("urgent", "bulk"):
+            welcomed.add_metric([role], s.welcomed.get(role, 0))
+        yield welcomed
         errs = CounterMetricFamily("uffdd_serve_protocol_errors", "Connections dropped, by error code",
                                    labels=["code"])
         for code, n in sorted(s.protocol_errors.items()):

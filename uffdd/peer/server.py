@@ -25,7 +25,7 @@ import structlog
 from uffdd.peer import protocol as p
 from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
-from uffdd.peer.responder import UrgentResponder, hand_over, responder_available
+from uffdd.peer.responder import NativeResponder, hand_over, responder_available
 
 log = structlog.get_logger("uffdd.serve")
 
@@ -47,6 +47,8 @@ CLOSE_GRACE_S = 1.0
 class ServerStats:
     connections_total: int = 0
     handshakes_ok: int = 0
+    welcomed: dict[str, int] = field(default_factory=dict)
+    """Connections welcomed, by role (urgent, bulk)."""
     auth_failures: int = 0
     protocol_errors: dict[str, int] = field(default_factory=dict)
     reads: int = 0
@@ -106,7 +108,7 @@ class ServerConnection(asyncio.Protocol):
         self._ring: list[bytearray] = []
         self._ring_next = 0
         self._log = log
-        self.native: UrgentResponder | None = None
+        self.native: NativeResponder | None = None
         """Set once the connection runs in C (:mod:`uffdd.peer.responder`)."""
 
     # -- transport callbacks ---------------------------------------------------------------
@@ -284,6 +286,8 @@ class ServerConnection(asyncio.Protocol):
         self.image = image
         self.state = _READY
         self.server.stats.handshakes_ok += 1
+        role = self.role.name.lower()
+        self.server.stats.welcomed[role] = self.server.stats.welcomed.get(role, 0) + 1
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_later(self.limits.idle_timeout / 4, self._idle_check)
@@ -292,8 +296,9 @@ class ServerConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(p.encode_frame(p.FrameType.WELCOME, w.encode(), sealer=self.sealer))
         self._log = self._log.bind(image=image.name, role=self.role.name.lower())
-        if (self.role is p.Role.URGENT and self.server.native and self.server.ssl_context is None
-                and responder_available()):
+        # Bulk connections that asked for lz4 stay in Python (the C responder sends raw and zero blocks).
+        if (self.server.native and self.server.ssl_context is None and responder_available()
+                and not self.compressor.enabled):
             try:
                 image_fd = image.dup_fd()
             except ImageError:
@@ -303,7 +308,8 @@ class ServerConnection(asyncio.Protocol):
                 self.state = _NATIVE
                 if self._timer is not None:
                     self._timer.cancel()
-                self.native = UrgentResponder(self, fd, image_fd, image, self.sealer, self.decoder.opener)
+                self.native = NativeResponder(self, fd, image_fd, image, self.sealer, self.decoder.opener,
+                                              bulk=self.role is p.Role.BULK)
             elif image_fd >= 0:
                 os.close(image_fd)
         self._log.info("peer_connected", native=self.native is not None)

@@ -9,9 +9,25 @@ neither a task nor a thread hop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
+
+
+class DirectReceiver(Protocol):
+    """Receives background runs straight into guest memory off the event loop (a peer's bulk
+    link in C), arbitrating each page with demand faults through a claim byte per page:
+    0 free, 1 taken by the event loop, 2 frozen (its bytes are being written: wait for them)."""
+
+    async def fetch(self, offset: int, dest: memoryview, claims: memoryview,
+                    on_frame: Callable[[int, int, bool], None]) -> None:
+        """Fill ``dest`` (whole pages of shared memory) with the source's bytes at ``offset``;
+        report each part as (first page, pages, ok) when it is checked and in place (ok: those of
+        its pages still claimed 2 may be installed) or failed (unfrozen: they are not)."""
+
+    def take(self, claims: memoryview, index: int) -> bool:
+        """Atomically take page ``index`` (True), unless a part being written froze it (False)."""
 
 
 class SourceConfig(BaseModel):
@@ -61,6 +77,11 @@ class PageSource(ABC):
         """(fd, preadv2 flags) such that one preadv2 of a page at its offset either fills it
         exactly as :meth:`fill_nowait` would or reports that it cannot (short read, EAGAIN).
         Lets the C fast path read without calling back into Python. Default: None."""
+        return None
+
+    def direct_bulk(self) -> DirectReceiver | None:
+        """Background runs received into guest memory by the source itself, off the event loop
+        (shared memory of base pages only); None: :meth:`prefetch` into private buffers."""
         return None
 
     def native_link(self) -> object | None:

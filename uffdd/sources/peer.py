@@ -20,7 +20,7 @@ from uffdd.errors import ConfigError, SourceUnavailable
 from uffdd.kernel.memory import copy_into
 from uffdd.peer.client import ClientOptions, PeerClient, PeerStats
 from uffdd.peer.config import PeerLinkConfig
-from uffdd.sources.base import PageSource, SourceConfig
+from uffdd.sources.base import DirectReceiver, PageSource, SourceConfig
 
 log = structlog.get_logger("uffdd.sources.peer")
 
@@ -68,9 +68,14 @@ class PeerSource(PageSource):
         await self.client.fill(offset, memoryview(buf))
         copy_into(dest, buf)
 
+    def direct_bulk(self) -> DirectReceiver | None:
+        """The bulk link in C (no TLS, the extension built), opened on first use."""
+        return self.client.direct()
+
     def native_link(self) -> object | None:
         """The urgent channel's C link, where it runs one (no TLS, the extension built)."""
-        return self.client.urgent.link
+        link: object | None = self.client.urgent.link
+        return link
 
     async def prefetch(self, offset: int, dest: memoryview) -> None:
         """Like fill, on the bulk connection: for background transfers that must not delay faults."""

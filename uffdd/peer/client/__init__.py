@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from uffdd.errors import SourceUnavailable
 from uffdd.peer import protocol as p
+from uffdd.peer.client.bulk import DirectBulk, new_bulk
 from uffdd.peer.client.channel import Channel
+from uffdd.peer.client.native import new_link
 from uffdd.peer.client.options import ClientOptions, PeerRefused, PeerStats
 
 
@@ -20,9 +22,13 @@ class PeerClient:
     def __init__(self, opts: ClientOptions) -> None:
         self.opts = opts
         self._stats = PeerStats()
-        self.urgent = Channel(opts, p.Role.URGENT, self._stats)
+        native = opts.config.native and opts.ssl_context is None
+        link = new_link(opts.config.checksum_retries) if native else None
+        self.urgent = Channel(opts, p.Role.URGENT, self._stats, link=link)
         self.urgent.on_busy = self._urgent_busy
         self.bulk: Channel | None = None
+        self._direct: DirectBulk | None = None
+        self._direct_ok = native
 
     @property
     def stats(self) -> PeerStats:
@@ -33,6 +39,8 @@ class PeerClient:
     def _urgent_busy(self, busy: bool) -> None:
         if self.bulk is not None:
             self.bulk.hold(busy)
+        if self._direct is not None:
+            self._direct.channel.hold(busy)
 
     async def open(self) -> p.Welcome:
         try:
@@ -55,14 +63,32 @@ class PeerClient:
             self.bulk.hold(self.urgent.busy)
         await self.bulk.read(offset, dest)
 
+    def direct(self) -> DirectBulk | None:
+        """Background runs received straight into guest memory (:mod:`.bulk`) over a channel of
+        their own, opened on first use; None where that runs in Python (TLS, no extension)."""
+        if self._direct is None and self._direct_ok:
+            link = new_bulk()
+            if link is None:
+                self._direct_ok = False
+                return None
+            channel = Channel(self.opts, p.Role.BULK, self._stats, reference=self.urgent, link=link)
+            channel.hold(self.urgent.busy)
+            self._direct = DirectBulk(channel, link)
+        return self._direct
+
     @property
     def unreachable(self) -> SourceUnavailable | None:
-        return self.urgent.unreachable or (self.bulk.unreachable if self.bulk is not None else None)
+        for ch in (self.urgent, self.bulk, self._direct.channel if self._direct else None):
+            if ch is not None and ch.unreachable is not None:
+                return ch.unreachable
+        return None
 
     async def aclose(self) -> None:
         await self.urgent.aclose()
         if self.bulk is not None:
             await self.bulk.aclose()
+        if self._direct is not None:
+            await self._direct.aclose()
 
 
 __all__ = ["Channel", "ClientOptions", "PeerClient", "PeerRefused", "PeerStats"]

@@ -16,13 +16,14 @@ import contextlib
 import random
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from uffdd.errors import SourceError, SourceUnavailable
 from uffdd.peer import protocol as p
 from uffdd.peer.client.connection import MAX_CLIENT_BLOCKS, ClientConnection, Connection, Request
-from uffdd.peer.client.native import NativeConnection, new_link
+from uffdd.peer.client.native import take_over
 from uffdd.peer.client.options import ClientOptions, PeerRefused, PeerStats
 
 log = structlog.get_logger("uffdd.peer")
@@ -35,7 +36,9 @@ class Channel:
     """Requests over one logical connection, kept across reconnects."""
 
     def __init__(self, opts: ClientOptions, role: p.Role, stats: PeerStats,
-                 reference: Channel | None = None) -> None:
+                 reference: Channel | None = None, link: Any = None) -> None:
+        """``link``: the C link (:mod:`.native`, :mod:`.bulk`) whose connections this channel
+        sets up; None: connections in Python."""
         self.opts = opts
         self.role = role
         self.name = role.name.lower()
@@ -45,9 +48,7 @@ class Channel:
         self._pending: dict[int, Request] = {}
         self._unsent: deque[Request] = deque()
         self._conn: Connection | None = None
-        self.link = new_link(opts.config.checksum_retries) if (
-            role is p.Role.URGENT and opts.config.native and opts.ssl_context is None) else None
-        """The C link this channel's connections run on (urgent, no TLS, extension built), or None."""
+        self.link = link
         self._link_seen = {"owner_requests": 0, "owner_resent": 0, "checksum_failures": 0}
         self.inflight = 0
         self._epoch = 0
@@ -149,7 +150,7 @@ class Channel:
                 conn.abort("handshake failed")
             raise
         if self.link is not None:
-            return NativeConnection(self, conn, welcome, self.link), welcome
+            return take_over(self, conn, welcome, self.link), welcome
         return conn, welcome
 
     def _check_welcome(self, w: p.Welcome) -> None:

@@ -68,6 +68,8 @@ class Requests(Protocol):
     stats: PeerStats
     inflight: int
 
+    link: object
+
     def request(self, req_id: int) -> Request | None: ...
     def fold_link_stats(self) -> None: ...
     def on_data(self, req: Request, blocks: int, ok: bool) -> None: ...
@@ -276,7 +278,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         opts = ch.opts
         assert self.transport is not None
         # lz4 only for prefetch: a demand fault's page is not worth a compression probe.
-        lz4 = opts.config.compression and ch.role is p.Role.BULK
+        lz4 = opts.config.compression and ch.role is p.Role.BULK and ch.link is None
         hello = p.Hello(ch.role, p.FEATURE_LZ4 if lz4 else 0, os.urandom(p.NONCE_SIZE), opts.image).encode()
         self.transport.write(p.encode_frame(p.FrameType.HELLO, hello))
         challenge = p.Challenge.decode((await self._next(p.FrameType.CHALLENGE)).payload)

@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from uffdd.peer import protocol as p
-from uffdd.peer.client.connection import MAX_CLIENT_BLOCKS, ClientConnection, Request, Requests
+from uffdd.peer.client.bulk import NativeBulkConnection
+from uffdd.peer.client.connection import MAX_CLIENT_BLOCKS, ClientConnection, Connection, Request, Requests
 from uffdd.peer.native import module as _native
 
 log = structlog.get_logger("uffdd.peer")
@@ -26,6 +27,13 @@ log = structlog.get_logger("uffdd.peer")
 def new_link(retries: int) -> Any | None:
     """A C link for an urgent channel, or None where the extension is not built."""
     return _native.Link(MAX_CLIENT_BLOCKS, 2048, retries) if _native is not None else None
+
+
+def take_over(channel: Requests, conn: ClientConnection, welcome: p.Welcome, link: Any) -> Connection:
+    """The connection ``conn`` just authenticated, run from now on by ``link`` (urgent or bulk)."""
+    if _native is not None and isinstance(link, _native.Bulk):
+        return NativeBulkConnection(channel, conn, welcome, link)
+    return NativeConnection(channel, conn, welcome, link)
 
 
 class NativeConnection:
@@ -117,10 +125,11 @@ class NativeConnection:
                 reason = str(ev[1])
                 if reason.startswith("tampered"):
                     ch.stats.tampered += 1
+                    ch.stats.protocol_errors += 1
                     log.error("peer_link_tampered", channel=ch.name, error=reason,
                               hint="a frame failed its tag: the link is reconnected, nothing it carried is "
                                    "installed")
-                elif not reason.endswith("closed the connection"):
+                elif ev[2]:  # the server broke the protocol (not: the connection broke)
                     ch.stats.protocol_errors += 1
                 self.abort(reason)
                 return
@@ -157,4 +166,4 @@ class NativeConnection:
             self.closed.set_result(reason)
 
 
-__all__ = ["NativeConnection", "new_link"]
+__all__ = ["NativeConnection", "new_link", "take_over"]
