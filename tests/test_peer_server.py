@@ -37,10 +37,11 @@ WAIT = 10.0
 
 @contextlib.asynccontextmanager
 async def serving(snapshot: Path, limits: ServeLimits | None = None, *, secret: bytes | None = None,
-                  ssl_context: ssl.SSLContext | None = None, **images: Path) -> AsyncIterator[PeerServer]:
+                  ssl_context: ssl.SSLContext | None = None, native: bool = True,
+                  **images: Path) -> AsyncIterator[PeerServer]:
     imgs = {"default": Image.from_file("default", str(snapshot))}
     imgs.update({k: Image.from_file(k, str(v)) for k, v in images.items()})
-    server = PeerServer(imgs, limits, secret=secret, ssl_context=ssl_context)
+    server = PeerServer(imgs, limits, secret=secret, ssl_context=ssl_context, native=native)
     await server.start("127.0.0.1", 0)
     try:
         yield server
@@ -113,6 +114,7 @@ HOSTILE: list[tuple[str, bytes, bool, p.ErrorCode | None]] = [
     ("length-lies-on-read", struct.pack("<BBHIQII", p.FrameType.READ, 0, 1, 1, 0, 64, 0) + bytes(64), True,
      p.ErrorCode.BAD_LENGTH),
     ("read-past-image", p.encode_read(1, 1 << 40, 1), True, p.ErrorCode.OUT_OF_RANGE),
+    ("read-offset-wraps", p.encode_read(1, (1 << 64) - BS, 2), True, p.ErrorCode.OUT_OF_RANGE),
     ("read-more-than-negotiated", p.encode_read(1, 0, 5000), True, p.ErrorCode.OUT_OF_RANGE),
     ("read-before-handshake", p.encode_read(1, 0, 1), False, p.ErrorCode.BAD_STATE),
     ("bad-magic", p.encode_frame(p.FrameType.HELLO, b"HTTP" + bytes(38)), False, p.ErrorCode.VERSION),
@@ -124,9 +126,18 @@ HOSTILE: list[tuple[str, bytes, bool, p.ErrorCode | None]] = [
 ]
 
 
-async def test_hostile_frames_each_drop_only_their_own_connection(snapshot_4k: Path) -> None:
+@pytest.fixture(params=[True, False], ids=["c-server", "python-server"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """The server's connections answered in C (urgent on the event loop, bulk on a thread), or in
+    Python: the same checks, codes and limits."""
+    return bool(request.param)
+
+
+@pytest.mark.parametrize("role", [p.Role.URGENT, p.Role.BULK], ids=["urgent", "bulk"])
+async def test_hostile_frames_each_drop_only_their_own_connection(snapshot_4k: Path, native: bool,
+                                                                  role: p.Role) -> None:
     data = snapshot_4k.read_bytes()
-    async with serving(snapshot_4k, ServeLimits(max_inflight=32)) as server:
+    async with serving(snapshot_4k, ServeLimits(max_inflight=32), native=native) as server:
         healthy = PeerClient(client_opts(server))
         await healthy.open()
         stop = asyncio.Event()
@@ -144,7 +155,7 @@ async def test_hostile_frames_each_drop_only_their_own_connection(snapshot_4k: P
         worker = asyncio.create_task(keep_fetching())
         try:
             for name, payload, after_handshake, code in HOSTILE:
-                r, w = await raw_client(server, handshake=after_handshake)
+                r, w = await raw_client(server, handshake=after_handshake, role=role)
                 w.write(payload)
                 if name == "short-header-then-close":
                     w.write_eof()
@@ -214,8 +225,8 @@ async def test_connections_past_the_limit_are_refused_busy(snapshot_4k: Path) ->
             w.close()
 
 
-async def test_small_requests_overtake_a_large_one_on_the_same_connection(snapshot_4k: Path) -> None:
-    async with serving(snapshot_4k) as server:
+async def test_small_requests_overtake_a_large_one_on_the_same_connection(snapshot_4k: Path, native: bool) -> None:
+    async with serving(snapshot_4k, native=native) as server:
         r, w = await raw_client(server, role=p.Role.BULK)
         w.write(p.encode_read(1, 0, 1024) + p.encode_read(2, 8 << 20, 1) + p.encode_read(3, 9 << 20, 2))
         done: list[int] = []
@@ -230,6 +241,23 @@ async def test_small_requests_overtake_a_large_one_on_the_same_connection(snapsh
             if got[rid] == want[rid]:
                 done.append(rid)
         assert done.index(2) < done.index(1) and done.index(3) < done.index(1)  # answered out of order, by id
+        w.close()
+
+
+@pytest.mark.parametrize("role", [p.Role.URGENT, p.Role.BULK], ids=["urgent", "bulk"])
+async def test_a_request_id_is_free_again_once_its_answer_is_written(snapshot_4k: Path, native: bool,
+                                                                     role: p.Role) -> None:
+    """Clients reuse an id once its answer is in (after a checksum failure, the same id asks
+    again), and the in-flight limit counts only requests not answered yet."""
+    data = snapshot_4k.read_bytes()
+    async with serving(snapshot_4k, ServeLimits(max_inflight=2), native=native) as server:
+        r, w = await raw_client(server, role=role)
+        for round_ in range(5):
+            w.write(p.encode_read(5, round_ * BS, 1))
+            t, rid, _, payload = await read_frame(r)
+            assert (t, rid) == (p.FrameType.DATA, 5), payload[:100]
+            assert payload[p.DESC_SIZE:] == data[round_ * BS : (round_ + 1) * BS]
+        assert server.stats.protocol_errors == {}
         w.close()
 
 
