@@ -173,8 +173,9 @@ class PeerLinkConfig(_SecretMixin):
     image: str = "default"
     """Name of the image on the server; ``{vm_id}`` is replaced by the handshake's vm_id."""
     tls: ClientTls | None = None
-    compression: bool = True
-    """Let the server send lz4 blocks (it does so per block, only when that saves space)."""
+    compression: bool = False
+    """Ask for lz4 blocks on the bulk connection (the server uses them per block, only when that
+    saves space): for slow links. The bulk connection then runs in Python; without it, in C."""
     connect_timeout: float = Field(default=2.0, gt=0, le=300)
     """Seconds for one attempt: TCP connect, TLS and the HELLO/AUTH exchange."""
     open_timeout: float = Field(default=10.0, gt=0, le=3600)

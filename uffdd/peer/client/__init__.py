@@ -28,7 +28,7 @@ class PeerClient:
         self.urgent.on_busy = self._urgent_busy
         self.bulk: Channel | None = None
         self._direct: DirectBulk | None = None
-        self._direct_ok = native
+        self._direct_ok = native and not opts.config.compression  # lz4 is decoded in Python only
 
     @property
     def stats(self) -> PeerStats:

@@ -1,11 +1,10 @@
-"""The source side of a migration: serve memory images to destination daemons over TCP.
-
-One :class:`PeerServer` per ``uffdd serve``. Each connection is its own small state machine
-(HELLO -> CHALLENGE -> AUTH -> WELCOME -> READs); anything a client does wrong costs it its
-own connection and nothing else. Urgent connections (demand faults) are answered inline when
-the bytes are at hand; bulk connections go through a per-connection pump that sends at most
-one chunk before yielding, and that slows to one chunk per URGENT_QUIET_S right after an urgent
-READ, so a demand fault never waits behind a prefetch for this host's CPU either.
+"""One client connection of ``uffdd serve``: its own small state machine (HELLO -> CHALLENGE ->
+AUTH -> WELCOME -> READs); anything a client does wrong costs it its own connection and nothing
+else. Once a plain connection is authenticated it runs in C (:mod:`.responder`) where the
+extension is built; otherwise, and over TLS or with lz4, here: urgent READs are answered inline
+when the bytes are at hand, bulk READs go through a per-connection pump that sends at most one
+chunk before yielding and slows to one chunk per URGENT_QUIET_S right after an urgent READ, so a
+demand fault never waits behind a prefetch for this host's CPU either.
 """
 
 from __future__ import annotations
@@ -17,15 +16,15 @@ import socket
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 import structlog
 
 from uffdd.peer import protocol as p
 from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
-from uffdd.peer.responder import NativeResponder, hand_over, responder_available
+from uffdd.peer.server.responder import NativeResponder, hand_over, responder_available
+from uffdd.peer.server.stats import ServerStats
 
 log = structlog.get_logger("uffdd.serve")
 
@@ -43,25 +42,18 @@ URGENT_QUIET_S = 0.002
 CLOSE_GRACE_S = 1.0
 
 
-@dataclass
-class ServerStats:
-    connections_total: int = 0
-    handshakes_ok: int = 0
-    welcomed: dict[str, int] = field(default_factory=dict)
-    """Connections welcomed, by role (urgent, bulk)."""
-    auth_failures: int = 0
-    protocol_errors: dict[str, int] = field(default_factory=dict)
-    reads: int = 0
-    read_errors: int = 0
-    tampered: int = 0
-    """Connections dropped because a frame failed its tag (someone on the path changed it)."""
-    blocks_raw: int = 0
-    blocks_zero: int = 0
-    blocks_lz4: int = 0
-    payload_bytes: int = 0
+class Server(Protocol):
+    """What a connection needs of its server (:class:`uffdd.peer.server.PeerServer`)."""
 
-    def count_error(self, code: p.ErrorCode) -> None:
-        self.protocol_errors[code.name] = self.protocol_errors.get(code.name, 0) + 1
+    limits: ServeLimits
+    stats: ServerStats
+    connections: set[ServerConnection]
+    images: dict[str, Image]
+    secret: bytes | None
+    compression: bool
+    native: bool
+    ssl_context: ssl.SSLContext | None
+    last_urgent: float
 
 
 class _Req:
@@ -79,7 +71,7 @@ _HELLO, _AUTH, _READY, _CLOSING, _NATIVE = range(5)
 class ServerConnection(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, server: PeerServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.limits = server.limits
         self.decoder = p.FrameDecoder(p.SERVER_ACCEPTS, p.Limits(max_blocks=self.limits.max_blocks))
@@ -109,7 +101,7 @@ class ServerConnection(asyncio.Protocol):
         self._ring_next = 0
         self._log = log
         self.native: NativeResponder | None = None
-        """Set once the connection runs in C (:mod:`uffdd.peer.responder`)."""
+        """Set once the connection runs in C (:mod:`.responder`)."""
 
     # -- transport callbacks ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -460,76 +452,4 @@ class ServerConnection(asyncio.Protocol):
         self.counts = p.BlockCounts()
 
 
-class PeerServer:
-    """Serves the images in ``images`` (name -> Image) on one TCP address."""
-
-    def __init__(self, images: dict[str, Image] | None = None, limits: ServeLimits | None = None, *,
-                 secret: bytes | None = None, compression: bool = True,
-                 ssl_context: ssl.SSLContext | None = None, native: bool = True) -> None:
-        """``limits`` as configured (``limits:`` of the serve config); beside them what was
-        resolved from the config: the secret's bytes and the TLS context."""
-        self.images: dict[str, Image] = dict(images or {})
-        self.limits = limits or ServeLimits()
-        self.secret = secret
-        self.compression = compression
-        self.ssl_context = ssl_context
-        self.native = native
-        """Urgent connections without TLS run in C (:mod:`uffdd.peer.responder`) where it is built."""
-        self.stats = ServerStats()
-        self.connections: set[ServerConnection] = set()
-        self.last_urgent = 0.0
-        """perf_counter() of the last urgent READ: bulk work steps aside for a moment after one."""
-        self._server: asyncio.AbstractServer | None = None
-        self.address: tuple[str, int] = ("", 0)
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ServerConnection(self), host, port, ssl=self.ssl_context, reuse_address=True,
-            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl_context else None)
-        sockname = self._server.sockets[0].getsockname()
-        self.address = (str(sockname[0]), int(sockname[1]))
-        return self.address
-
-    def add_image(self, image: Image) -> None:
-        if image.name in self.images:
-            raise ImageError(f"an image named {image.name!r} is already served")
-        self.images[image.name] = image
-
-    def remove_image(self, name: str) -> None:
-        """Withdraw an image: its clients are told and dropped, its fd is closed."""
-        image = self.images.pop(name, None)
-        if image is None:
-            return
-        for conn in list(self.connections):
-            if conn.image is image:
-                conn.fail(p.ProtocolError(p.ErrorCode.NO_SUCH_IMAGE, f"image {name!r} was withdrawn"))
-        image.close()
-
-    def collect(self) -> ServerStats:
-        """Fold the per-connection block counters into :attr:`stats` (scrape time, not per block)."""
-        for conn in self.connections:
-            conn.flush_counts()
-        return self.stats
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for conn in list(self.connections):
-            conn.flush_counts()
-            conn.shutdown()
-        for _ in range(100):
-            if not self.connections:
-                break
-            await asyncio.sleep(0.01)
-        for conn in list(self.connections):
-            conn.abort()
-        for image in self.images.values():
-            image.close()
-        self.images.clear()
-
-    def drop_connections(self) -> None:
-        """Abort every client connection at once (tests: a server-side view of a broken link)."""
-        for conn in list(self.connections):
-            conn.abort()
+__all__ = ["CHUNK_BLOCKS", "Server", "ServerConnection"]

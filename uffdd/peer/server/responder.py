@@ -11,7 +11,7 @@ goes to a :class:`uffdd.peer._native.Responder`.
   with plain preadv and sent in chunks of 64 blocks; after an urgent READ on any connection,
   a bulk connection sends at most one chunk per 2 ms, so demand faults come first on this host.
 
-The same checks, codes and limits as the Python server (:mod:`uffdd.peer.server`).
+The same checks, codes and limits as the Python server (:mod:`.connection`).
 """
 
 from __future__ import annotations
@@ -21,16 +21,31 @@ import contextlib
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from uffdd.peer import protocol as p
+from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
 from uffdd.peer.native import module as _native
+from uffdd.peer.server.stats import ServerStats
 
-if TYPE_CHECKING:
-    from uffdd.peer.server import ServerConnection
+
+class Owner(Protocol):
+    """What a responder reports to: its connection (:class:`.connection.ServerConnection`)."""
+
+    limits: ServeLimits
+
+    @property
+    def server(self) -> Host: ...
+    def fail(self, exc: p.ProtocolError) -> None: ...
+    def native_closed(self) -> None: ...
+
+
+class Host(Protocol):
+    stats: ServerStats
+    last_urgent: float
 
 log = structlog.get_logger("uffdd.serve")
 
@@ -45,7 +60,7 @@ def responder_available() -> bool:
 class NativeResponder:
     """Runs one connection's READs in C (see the module docstring); reports to ``conn``."""
 
-    def __init__(self, conn: ServerConnection, fd: int, image_fd: int, image: Image, sealer: p.Sealer | None,
+    def __init__(self, conn: Owner, fd: int, image_fd: int, image: Image, sealer: p.Sealer | None,
                  opener: p.Opener | None, *, bulk: bool = False) -> None:
         """Takes ``fd`` (the socket) and ``image_fd`` (a duplicate of the image's)."""
         assert _native is not None
