@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ FLOOR = BENCH / "build" / "peer_floor"
 GUEST = BENCH / "build" / "guest"
 
 from uffdd.cli import parse_size  # noqa: E402
+from uffdd.peer.config import make_secret  # noqa: E402
 from uffdd.peer.testing import ServeProcess, make_tls_files  # noqa: E402
 from uffdd.testing import make_snapshot  # noqa: E402
 
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     source = ""
     if args.secret:
         secret = work / "secret"
-        secret.write_text(os.urandom(32).hex())
+        secret.write_text(make_secret())
         serve_args += ["--secret-file", str(secret)]
         source += f", secret_file: '{secret}'"
     if args.tls:

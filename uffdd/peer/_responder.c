@@ -1,14 +1,15 @@
 /*
- * Responder (part of uffdd.peer._native): the source's urgent connection, after the handshake.
+ * Responder (part of uffdd.peer._native): the source's end of a connection, after the handshake.
  *
- * A demand fault on the destination is one READ here. The responder answers it without the
- * interpreter: preadv2 (RWF_NOWAIT) of the blocks into a buffer, a crc32c per block, zero
- * blocks sent as a flag, no compression (a single page is not worth a probe), one tagged DATA
- * frame written with one writev. PINGs get PONGs. Everything else goes back to Python as an
- * event: a read the page cache cannot answer at once ("read": Python reads it in a thread and
- * hands the bytes back with send_data(), which frames and tags them here, so the frames' order
- * and sequence numbers stay the responder's), an ERROR from the client, a malformed frame or
- * the end of the connection ("lost").
+ * Python accepts the connection and runs the handshake; then serve() runs the connection on a
+ * thread of its own, without the GIL, until it ends. A demand fault on the destination is one
+ * READ on the urgent connection, answered without the interpreter: preadv2 (RWF_NOWAIT) of the
+ * blocks (from the disk, on this thread, if they are not in the page cache), a crc32c per
+ * block, zero blocks sent as a flag, one tagged DATA frame written with one writev. On a bulk
+ * connection READs go out in frames of CHUNK_BLOCKS, small READs first, and for a moment after
+ * any urgent READ in this process at most one frame per URGENT_QUIET_NS. PINGs get PONGs. The
+ * checks, codes and limits are the Python server's; what ends the connection (a malformed frame,
+ * the client's ERROR, the socket) is returned to Python, which tells the client and closes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -36,7 +37,7 @@ struct extent {
 };
 
 /* A READ in flight: from when it is parsed until its answer is wholly written to the socket. */
-enum { R_WAITING = 1, R_QUEUED, R_DEFERRED };
+enum { R_WAITING = 1, R_QUEUED };
 struct inflight {
 	uint32_t id, count;
 	uint64_t offset;
@@ -62,8 +63,7 @@ typedef struct {
 	uint8_t *block_buf; /* max_blocks * 4096: one READ's bytes */
 	uint8_t *table;     /* max_blocks descriptors */
 	uint64_t last_rx_ns;
-	unsigned long long reads, read_errors, blocks_raw, blocks_zero, payload_bytes, deferred;
-	PyObject *events;
+	unsigned long long reads, read_errors, blocks_raw, blocks_zero, payload_bytes;
 	char lost[200];
 	int lost_code;
 	/* Bulk mode: run by serve() on a thread of its own, without the GIL. */
@@ -96,19 +96,6 @@ static int resp_lose(Responder *s, int code, const char *why)
 	snprintf(s->lost, sizeof(s->lost), "%s", why);
 	s->lost_code = code;
 	return -1;
-}
-
-static int resp_event(Responder *s, PyObject *ev)
-{
-	if (!ev)
-		return -1;
-	if (!s->events && !(s->events = PyList_New(0))) {
-		Py_DECREF(ev);
-		return -1;
-	}
-	int rc = PyList_Append(s->events, ev);
-	Py_DECREF(ev);
-	return rc;
 }
 
 static int resp_room(Responder *s, size_t n)
@@ -326,8 +313,8 @@ static int answer_chunk(Responder *s, struct inflight *e)
 	return rc;
 }
 
-/* Answer READ e (its range was checked when it came): from the page cache at once, or, when
- * that would wait for a disk, by Python in a thread ("read" event, then send_data()). */
+/* Answer READ e (its range was checked when it came), in one frame: from the page cache, or,
+ * when it is not there, from the disk (this connection's thread waits, no other). */
 static int answer(Responder *s, struct inflight *e)
 {
 	uint64_t len = (uint64_t)e->count << FRAME_BLOCK_SHIFT;
@@ -345,12 +332,28 @@ static int answer(Responder *s, struct inflight *e)
 		ssize_t got = preadv2(s->image_fd, &iov, 1, (off_t)e->offset, s->rwf);
 		if (got < 0 && errno == EOPNOTSUPP && s->rwf) {
 			s->rwf = 0; /* shmem and tmpfs never wait for a disk */
-			got = preadv2(s->image_fd, &iov, 1, (off_t)e->offset, 0);
+			got = -1;
 		}
-		if (got != (ssize_t)len) { /* not all in the page cache (or past the end, or an error) */
-			s->deferred++;
-			e->state = R_DEFERRED;
-			return resp_event(s, Py_BuildValue("(sIKI)", "read", e->id, (unsigned long long)e->offset, e->count));
+		size_t done = got > 0 ? (size_t)got : 0;
+		while (done < len) { /* not all in the page cache: wait for the disk (this thread only) */
+			ssize_t more = pread(s->image_fd, s->block_buf + done, len - done, (off_t)(e->offset + done));
+			if (more < 0 && errno == EINTR)
+				continue;
+			if (more <= 0)
+				break;
+			done += (size_t)more;
+		}
+		if (done < len) {
+			snprintf(why, sizeof(why), "image ends or failed at %#llx, inside the requested range",
+				 (unsigned long long)(e->offset + done));
+			s->read_errors++;
+			uint32_t id = e->id;
+			int rc = resp_error(s, id, E_IO_ERROR, why);
+			if ((e = find_inflight(s, id))) {
+				e->state = R_QUEUED;
+				e->tx_end = s->tx_queued;
+			}
+			return rc;
 		}
 		why[0] = '\0';
 	}
@@ -458,7 +461,7 @@ static int on_read(Responder *s, const struct frame_header *h)
 	if (!s->bulk)
 		__atomic_store_n(&urgent_last_ns, resp_now_ns(), __ATOMIC_RELAXED);
 	s->inflight[s->ninflight++] = (struct inflight){ h->id, h->count, h->offset, 0, R_WAITING };
-	return s->bulk ? 0 : progress(s); /* bulk: serve() answers once every READ that came is seen */
+	return 0; /* serve() answers once every READ that came in with it has been seen */
 }
 
 static const char *type_name(uint8_t t)
@@ -569,13 +572,11 @@ static int resp_parse(Responder *s)
 		} else if (h.type == F_PING) {
 			struct frame_header pong = { F_PONG, 0, 0, h.id, 0, 0, 0 };
 			rc = resp_send(s, &pong, NULL, 0);
-		} else if (h.type == F_ERROR && s->bulk) { /* no GIL here: kept for Python */
+		} else if (h.type == F_ERROR) { /* no GIL here: kept for Python */
 			s->peer_code = h.aux;
 			s->peer_error_len = (int)plen;
 			memcpy(s->peer_error, f + FRAME_HEADER, plen);
 			rc = resp_lose(s, 0, "the client reported an error");
-		} else if (h.type == F_ERROR) {
-			rc = resp_event(s, Py_BuildValue("(sIy#)", "error", h.aux, f + FRAME_HEADER, (Py_ssize_t)plen));
 		} else {
 			rc = resp_lose(s, E_BAD_STATE, h.type == F_HELLO ? "HELLO sent twice" : "AUTH before HELLO, or twice");
 		}
@@ -668,7 +669,7 @@ static int Responder_init(Responder *self, PyObject *args, PyObject *kwds)
 	self->rwf = RWF_NOWAIT;
 	self->last_rx_ns = resp_now_ns();
 	self->bulk = bulk;
-	if (bulk && (self->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) {
+	if ((self->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) {
 		PyErr_SetFromErrno(PyExc_OSError);
 		return -1;
 	}
@@ -697,70 +698,15 @@ static void Responder_dealloc(Responder *self)
 	free(self->tx);
 	free(self->block_buf);
 	free(self->table);
-	Py_CLEAR(self->events);
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* receive() -> None, or a list of events: ("read", id, offset, count) for Python to read and
- * send_data(); ("error", code, message) from the client; ("lost", reason, code) last (code: the
- * protocol error to tell the client, 0 when the connection simply ended). */
-static PyObject *Responder_receive(Responder *self, PyObject *Py_UNUSED(ignored))
+/* Without the GIL: take in READs and answer them (bulk: a chunk at a time) until the connection
+ * ends (-1, why in lost/lost_code, or an ERROR from the client in peer_error) or stop() (0). */
+static int serve_loop(Responder *s)
 {
-	int lost = 0;
+	size_t high = s->bulk ? TX_HIGH_BULK : TX_HIGH;
 
-	Py_CLEAR(self->events);
-	self->lost_code = 0;
-	while (self->fd >= 0 && self->tx_len < TX_HIGH) {
-		if (self->rx_start == self->rx_end)
-			self->rx_start = self->rx_end = 0;
-		if (self->rx_end == self->rx_cap) {
-			memmove(self->rx, self->rx + self->rx_start, self->rx_end - self->rx_start);
-			self->rx_end -= self->rx_start;
-			self->rx_start = 0;
-		}
-		ssize_t n = recv(self->fd, self->rx + self->rx_end, self->rx_cap - self->rx_end, 0);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-			break;
-		if (n <= 0) {
-			lost = 1;
-			snprintf(self->lost, sizeof(self->lost), "%s", n == 0 ? "client closed the connection"
-									     : strerror(errno));
-			break;
-		}
-		self->rx_end += (size_t)n;
-		self->last_rx_ns = resp_now_ns();
-		if (resp_parse(self) < 0) {
-			if (PyErr_Occurred())
-				return NULL;
-			lost = 1;
-			break;
-		}
-	}
-	if (!lost && self->tx_len && resp_flush(self) < 0) {
-		lost = 1;
-		snprintf(self->lost, sizeof(self->lost), "%s", strerror(errno));
-	}
-	if (!lost && self->fd >= 0 && progress(self) < 0) {
-		if (PyErr_Occurred())
-			return NULL;
-		lost = 1;
-	}
-	if (lost && resp_event(self, Py_BuildValue("(ssi)", "lost", self->lost, self->lost_code)) < 0)
-		return NULL;
-	if (!self->events)
-		Py_RETURN_NONE;
-	PyObject *out = self->events;
-	self->events = NULL;
-	return out;
-}
-
-/* Bulk mode, without the GIL: take in READs and answer them a chunk at a time until the
- * connection ends (-1, why in lost/lost_code, or an ERROR from the client in peer_error) or
- * stop() (0). */
-static int serve_bulk(Responder *s)
-{
 	for (;;) {
 		uint64_t one, quiet = 0;
 		if (__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE))
@@ -769,10 +715,10 @@ static int serve_bulk(Responder *s)
 			return resp_lose(s, 0, strerror(errno));
 		if (progress(s) < 0)
 			return -1;
-		for (uint32_t i = 0; i < s->ninflight && !quiet; i++)
-			if (s->inflight[i].state == R_WAITING && s->tx_len < TX_HIGH_BULK)
+		for (uint32_t i = 0; s->bulk && i < s->ninflight && !quiet; i++)
+			if (s->inflight[i].state == R_WAITING && s->tx_len < high)
 				quiet = quiet_left(s);
-		struct pollfd p[2] = { { s->fd, (short)((s->tx_len < TX_HIGH_BULK ? POLLIN : 0) | (s->tx_len ? POLLOUT : 0)), 0 },
+		struct pollfd p[2] = { { s->fd, (short)((s->tx_len < high ? POLLIN : 0) | (s->tx_len ? POLLOUT : 0)), 0 },
 				       { s->wake_fd, POLLIN, 0 } };
 		int timeout = quiet ? (int)((quiet + 999999) / 1000000) : 1000;
 		if (poll(p, 2, timeout) < 0 && errno != EINTR)
@@ -800,21 +746,21 @@ static int serve_bulk(Responder *s)
 	}
 }
 
-/* serve() -> None (stop() ended it), ("lost", reason, code) or ("error", code, message): a bulk
+/* serve() -> None (stop() ended it), ("lost", reason, code) or ("error", code, message): the
  * connection's whole life, on the calling thread, without the GIL. */
 static PyObject *Responder_serve(Responder *self, PyObject *Py_UNUSED(ignored))
 {
 	int rc;
 
-	if (!self->bulk || self->fd < 0) {
-		PyErr_SetString(PyExc_RuntimeError, "serve() is for a bulk responder with a connection");
+	if (self->fd < 0) {
+		PyErr_SetString(PyExc_RuntimeError, "serve() needs a connection");
 		return NULL;
 	}
 	self->lost[0] = '\0';
 	self->lost_code = 0;
 	self->peer_error_len = -1;
 	Py_BEGIN_ALLOW_THREADS
-	rc = serve_bulk(self);
+	rc = serve_loop(self);
 	Py_END_ALLOW_THREADS
 	if (rc == 0)
 		Py_RETURN_NONE;
@@ -832,38 +778,8 @@ static PyObject *Responder_stop(Responder *self, PyObject *Py_UNUSED(ignored))
 	Py_RETURN_NONE;
 }
 
-/* send_data(id, offset, data): answer a deferred READ with bytes Python read (after a "read"
- * event; flush() and the next receive() move on, answering READs that waited behind it). */
-static PyObject *Responder_send_data(Responder *self, PyObject *args)
-{
-	unsigned int id;
-	unsigned long long offset;
-	Py_buffer data;
-
-	if (!PyArg_ParseTuple(args, "IKy*", &id, &offset, &data))
-		return NULL;
-	if (data.len & (FRAME_BLOCK - 1) || !data.len || (size_t)data.len > (size_t)self->max_blocks << FRAME_BLOCK_SHIFT) {
-		PyBuffer_Release(&data);
-		PyErr_SetString(PyExc_ValueError, "data must be whole blocks, at most max_blocks");
-		return NULL;
-	}
-	uint32_t n = (uint32_t)(data.len >> FRAME_BLOCK_SHIFT);
-	struct inflight *e = find_inflight(self, id);
-	if (!e || e->state != R_DEFERRED || e->offset != offset || e->count != n) {
-		PyBuffer_Release(&data);
-		return PyErr_Format(PyExc_ValueError, "no deferred READ %u of %u blocks at %#llx", id, n, offset);
-	}
-	memcpy(self->block_buf, data.buf, (size_t)data.len);
-	PyBuffer_Release(&data);
-	if (self->fd < 0 || resp_data(self, id, offset, self->block_buf, n) < 0)
-		return PyErr_Format(PyExc_OSError, "connection lost: %s", self->lost);
-	e->state = R_QUEUED;
-	e->tx_end = self->tx_queued;
-	drop_written(self);
-	Py_RETURN_NONE;
-}
-
-/* send_error(id, code, message): answer a deferred READ (or the connection, id 0) with an ERROR. */
+/* send_error(0, code, message): the connection-level ERROR Python sends before it closes (once
+ * serve() has returned). */
 static PyObject *Responder_send_error(Responder *self, PyObject *args)
 {
 	unsigned int id, code;
@@ -871,16 +787,12 @@ static PyObject *Responder_send_error(Responder *self, PyObject *args)
 
 	if (!PyArg_ParseTuple(args, "IIs", &id, &code, &msg))
 		return NULL;
-	struct inflight *e = id ? find_inflight(self, id) : NULL;
-	if (id && (!e || e->state != R_DEFERRED))
-		return PyErr_Format(PyExc_ValueError, "no deferred READ %u", id);
-	if (self->fd < 0 || resp_error(self, id, code, msg) < 0)
-		return PyErr_Format(PyExc_OSError, "connection lost: %s", self->lost);
-	if (e) {
-		e->state = R_QUEUED;
-		e->tx_end = self->tx_queued;
-		drop_written(self);
+	if (id) {
+		PyErr_SetString(PyExc_ValueError, "the responder answers its READs itself: only id 0 (the connection)");
+		return NULL;
 	}
+	if (self->fd < 0 || resp_error(self, 0, code, msg) < 0)
+		return PyErr_Format(PyExc_OSError, "connection lost: %s", self->lost);
 	Py_RETURN_NONE;
 }
 
@@ -901,9 +813,8 @@ static PyObject *Responder_close(Responder *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Responder_get_stats(Responder *self, void *Py_UNUSED(closure))
 {
-	return Py_BuildValue("{sKsKsKsKsKsK}", "reads", self->reads, "read_errors", self->read_errors, "blocks_raw",
-			     self->blocks_raw, "blocks_zero", self->blocks_zero, "payload_bytes", self->payload_bytes,
-			     "deferred", self->deferred);
+	return Py_BuildValue("{sKsKsKsKsK}", "reads", self->reads, "read_errors", self->read_errors, "blocks_raw",
+			     self->blocks_raw, "blocks_zero", self->blocks_zero, "payload_bytes", self->payload_bytes);
 }
 
 static PyObject *Responder_get_fd(Responder *self, void *Py_UNUSED(closure))
@@ -922,10 +833,8 @@ static PyObject *Responder_get_tx_pending(Responder *self, void *Py_UNUSED(closu
 }
 
 static PyMethodDef Responder_methods[] = {
-	{ "receive", (PyCFunction)Responder_receive, METH_NOARGS, "receive() -> None or a list of events" },
 	{ "serve", (PyCFunction)Responder_serve, METH_NOARGS, "serve() -> None or why it ended (bulk mode; blocks)" },
 	{ "stop", (PyCFunction)Responder_stop, METH_NOARGS, "stop(): make serve() return None" },
-	{ "send_data", (PyCFunction)Responder_send_data, METH_VARARGS, "send_data(id, offset, data)" },
 	{ "send_error", (PyCFunction)Responder_send_error, METH_VARARGS, "send_error(id, code, message)" },
 	{ "flush", (PyCFunction)Responder_flush, METH_NOARGS, "flush() -> whether everything was written" },
 	{ "close", (PyCFunction)Responder_close, METH_NOARGS, "close the socket and the image's fd" },
@@ -953,8 +862,27 @@ static PyTypeObject ResponderType = {
 	.tp_getset = Responder_getset,
 };
 
+static PyObject *urgent_mark(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+	__atomic_store_n(&urgent_last_ns, resp_now_ns(), __ATOMIC_RELAXED);
+	Py_RETURN_NONE;
+}
+
+static PyObject *urgent_last(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+	return PyLong_FromUnsignedLongLong(__atomic_load_n(&urgent_last_ns, __ATOMIC_RELAXED));
+}
+
+static PyMethodDef responder_functions[] = {
+	{ "urgent_mark", urgent_mark, METH_NOARGS, "urgent_mark(): an urgent READ came in (bulk steps aside)" },
+	{ "urgent_last_ns", urgent_last, METH_NOARGS, "urgent_last_ns() -> CLOCK_MONOTONIC ns of the latest, or 0" },
+	{ NULL, NULL, 0, NULL },
+};
+
 int native_add_responder(PyObject *module)
 {
+	if (PyModule_AddFunctions(module, responder_functions) < 0)
+		return -1;
 	if (PyType_Ready(&ResponderType) < 0)
 		return -1;
 	Py_INCREF(&ResponderType);

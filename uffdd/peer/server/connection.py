@@ -23,7 +23,7 @@ import structlog
 from uffdd.peer import protocol as p
 from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
-from uffdd.peer.server.responder import NativeResponder, hand_over, responder_available
+from uffdd.peer.server.responder import NativeResponder, hand_over, note_urgent, responder_available, urgent_seen
 from uffdd.peer.server.stats import ServerStats
 
 log = structlog.get_logger("uffdd.serve")
@@ -335,6 +335,7 @@ class ServerConnection(asyncio.Protocol):
         self.server.stats.reads += 1
         if self.role is p.Role.URGENT:
             self.server.last_urgent = time.perf_counter()
+            note_urgent()
         req = _Req(f.id, f.offset, f.count)
         self.inflight.add(f.id)
         if not image.contains(f.offset, length):
@@ -402,7 +403,7 @@ class ServerConnection(asyncio.Protocol):
             if bulk:
                 # Demand faults first, on this host's CPU too: while urgent READs keep coming,
                 # prefetch gets one chunk per URGENT_QUIET_S instead of all the CPU.
-                quiet = self.server.last_urgent + URGENT_QUIET_S - time.perf_counter()
+                quiet = max(self.server.last_urgent, urgent_seen()) + URGENT_QUIET_S - time.perf_counter()
                 if quiet > 0:
                     await asyncio.sleep(quiet)
                     if self.state != _READY:
