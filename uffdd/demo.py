@@ -22,6 +22,8 @@ from rich.table import Table
 
 from uffdd import logs
 from uffdd.config import parse_config
+from uffdd.core.session import Session
+from uffdd.core.stats import SessionStats
 from uffdd.images.demo import ImageDemo
 from uffdd.peer.demo import PeerDemo
 from uffdd.service.listener import Listener
@@ -74,34 +76,15 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
     if peer is not None:
         await peer.start(snap, opts.size, console)
     source = peer.source_config() if peer is not None else {"kind": "file", "path": str(work / "{vm_id}.mem")}
-    config = parse_config({"listen": str(sock), "sources": {"default": source}})
-    listener = Listener(config)
+    listener = Listener(parse_config({"listen": str(sock), "sources": {"default": source}}))
     await listener.start()
     spec = VmmSpec(socket=str(sock), snapshot=str(snap), vm_id="demo",
                    region_sizes=_region_sizes(opts.size, opts.regions, opts.page_size),
                    page_size=opts.page_size, threads=opts.threads, prepopulate=opts.prepopulate, seed=7)
-    pages = opts.size // opts.page_size
     vmm = VmmProcess(spec)
-    t0 = time.perf_counter()
     result_task = asyncio.create_task(asyncio.to_thread(vmm.result, 600))
-    peak = None
     try:
-        with Progress(TextColumn("[bold]guest pages installed"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console) as progress:
-            bar = progress.add_task("pages", total=pages, rate="")
-            while not result_task.done():
-                for s in listener.sessions.values():
-                    peak = s
-                if peak is not None:
-                    done = peak.stats.pages_filled
-                    el = max(time.perf_counter() - t0, 1e-6)
-                    progress.update(bar, completed=done, rate=f"{done / el:,.0f} pages/s")
-                if peer is not None and peer.watch(list(listener.sessions.values()),
-                                                   peak.stats.pages_filled if peak else 0, pages, progress.console):
-                    break
-                await asyncio.sleep(0.05)
-            if peak is not None:
-                progress.update(bar, completed=peak.stats.pages_filled)
+        session = await _watch(listener, peer, result_task, opts.size // opts.page_size, console)
         if peer is not None and peer.failure:
             vmm.kill()
             console.print(f"[red]page source unreachable past its deadline, giving up: {peer.failure}[/]")
@@ -114,8 +97,33 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
         await listener.close()
         if peer is not None:
             await peer.close()
-    stats = peak.stats if peak is not None else None
-    table = Table(title="uffdd demo report", show_header=False)
+    return _report(opts, result, session.stats if session is not None else None, peer, console)
+
+
+async def _watch(listener: Listener, peer: PeerDemo | ImageDemo | None, result: asyncio.Task[dict[str, object]],
+                 pages: int, console: Console) -> Session | None:
+    """Show pages installed as they are, until the guest is done (or the remote source fails)."""
+    t0 = time.perf_counter()
+    latest: Session | None = None
+    with Progress(TextColumn("[bold]guest pages installed"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task("pages", total=pages, rate="")
+        while not result.done():
+            for s in listener.sessions.values():
+                latest = s
+            done = latest.stats.pages_filled if latest is not None else 0
+            el = max(time.perf_counter() - t0, 1e-6)
+            progress.update(bar, completed=done, rate=f"{done / el:,.0f} pages/s")
+            if peer is not None and peer.watch(list(listener.sessions.values()), done, pages, progress.console):
+                break
+            await asyncio.sleep(0.05)
+        if latest is not None:
+            progress.update(bar, completed=latest.stats.pages_filled)
+    return latest
+
+
+def _report(opts: DemoOptions, result: dict[str, object], stats: SessionStats | None, peer: PeerDemo | ImageDemo | None,
+            console: Console) -> int:
     if "error" in result:
         console.print(f"[red]handshake refused: {result['error']}[/]")
         return 1
@@ -143,6 +151,7 @@ async def _run(opts: DemoOptions, work: Path, console: Console) -> int:
         ("pages checked", f"{result['pages_checked']:,}"),
         ("pages wrong", f"[{'green' if wrong == 0 else 'red'}]{wrong}[/]"),
     ]
+    table = Table(title="uffdd demo report", show_header=False)
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)

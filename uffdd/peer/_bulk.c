@@ -40,6 +40,8 @@
 #include "wire.h"
 
 int native_add_bulk(PyObject *module);
+extern int native_urgent_waiting; /* _native.c: demand fills waiting on urgent links */
+
 
 #define MAX_REQS 256
 #define MAX_FRAME_BLOCKS 1024
@@ -94,6 +96,12 @@ typedef struct {
 	unsigned long long frames, blocks, bad_frames, tampered;
 	char lost[200];
 } Bulk;
+
+/* Held: by Python (demand faults wait on its urgent connection), or by the C fault paths. */
+static int held(Bulk *b)
+{
+	return __atomic_load_n(&b->held, __ATOMIC_RELAXED) || __atomic_load_n(&native_urgent_waiting, __ATOMIC_RELAXED);
+}
 
 static uint64_t bulk_now_ns(void)
 {
@@ -510,7 +518,7 @@ static int receive(Bulk *b)
 		if (rc < 0)
 			return -1;
 		/* While demand faults wait, take in one frame per slice and step aside. */
-		if (b->phase == P_HEADER && b->got == 0 && __atomic_load_n(&b->held, __ATOMIC_RELAXED))
+		if (b->phase == P_HEADER && b->got == 0 && held(b))
 			return 0;
 	}
 }
@@ -551,7 +559,7 @@ static int serve(Bulk *b)
 			continue;
 		}
 		uint64_t next = ka - (now - b->last_ping_ns);
-		int resting = __atomic_load_n(&b->held, __ATOMIC_RELAXED) && b->phase == P_HEADER && b->got == 0 &&
+		int resting = held(b) && b->phase == P_HEADER && b->got == 0 &&
 			      now - b->last_frame_ns < HOLD_SLICE_NS;
 		if (resting && HOLD_SLICE_NS - (now - b->last_frame_ns) < next)
 			next = HOLD_SLICE_NS - (now - b->last_frame_ns);

@@ -40,6 +40,10 @@
 #define MAX_REQUESTS 2048
 
 int native_add_responder(PyObject *module);
+
+/* Demand fills of C fault paths waiting on urgent links in this process: bulk links (_bulk.c)
+ * step aside while there are any. */
+int native_urgent_waiting;
 int native_add_bulk(PyObject *module);
 
 enum { K_FREE = 0, K_OWNER, K_PY, K_DROPPED };
@@ -121,6 +125,8 @@ static void erase(Link *l, struct req *r)
 
 	if (r->has_buf)
 		PyBuffer_Release(&r->buf);
+	if (r->kind == K_OWNER)
+		__atomic_fetch_sub(&native_urgent_waiting, 1, __ATOMIC_RELAXED);
 	if (r->sent)
 		l->inflight--;
 	else
@@ -453,6 +459,8 @@ static void drop_all(Link *self)
 			PyBuffer_Release(&r->buf);
 			r->has_buf = 0;
 		}
+		if (r->kind == K_OWNER)
+			__atomic_fetch_sub(&native_urgent_waiting, 1, __ATOMIC_RELAXED);
 		r->kind = K_FREE;
 	}
 	self->count = self->inflight = self->unsent = 0;
@@ -748,6 +756,7 @@ static void api_set_owner(void *link, void *owner, link_sink_fn sink)
 			if (r->kind != K_OWNER)
 				continue;
 			if (r->sent) {
+				__atomic_fetch_sub(&native_urgent_waiting, 1, __ATOMIC_RELAXED);
 				r->kind = K_DROPPED;
 				r->dest = NULL;
 			} else {
@@ -783,6 +792,7 @@ static int api_submit(void *link, uint64_t offset, uint32_t count, char *dest, u
 	r->cookie = cookie;
 	l->unsent++;
 	l->owner_requests++;
+	__atomic_fetch_add(&native_urgent_waiting, 1, __ATOMIC_RELAXED);
 	return pump(l);
 }
 
