@@ -23,7 +23,8 @@ setup(ext_modules=[
               extra_compile_args=FLAGS, include_dirs=["uffdd/csrc"], depends=["uffdd/csrc/guard.h"]),
     Extension("uffdd.peer._wire", sources=["uffdd/peer/_wire.c"], optional=True, extra_compile_args=FLAGS,
               include_dirs=["uffdd/csrc"], depends=["uffdd/csrc/wire.h"]),
-    Extension("uffdd.peer._native", sources=["uffdd/peer/_native.c", "uffdd/peer/_responder.c", "uffdd/peer/_bulk.c"], optional=True,
-              extra_compile_args=FLAGS, include_dirs=["uffdd/csrc"],
+    Extension("uffdd.peer._native",
+              sources=["uffdd/peer/_native.c", "uffdd/peer/_responder.c", "uffdd/peer/_bulk.c"],
+              optional=True, extra_compile_args=FLAGS, include_dirs=["uffdd/csrc"],
               depends=["uffdd/csrc/wire.h", "uffdd/csrc/frame.h", "uffdd/csrc/link_api.h", "uffdd/csrc/guard.h"]),
 ])
