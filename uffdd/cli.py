@@ -203,13 +203,7 @@ def _add_pack_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     k.set_defaults(func=_cmd_pack)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uffdd", description="userfaultfd page-fault daemon")
-    p.add_argument("--version", action="version", version=f"uffdd {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run the daemon")
-    r.add_argument("-c", "--config", required=True, help="YAML config file")
-    r.set_defaults(func=_cmd_run)
+def _add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="serve a memory image to destination daemons (the source side of a migration)")
     s.add_argument("-c", "--config", help="YAML file with the serve options (flags override it)")
     s.add_argument("--image", action="append", metavar="[NAME=]PATH",
@@ -226,24 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["auto", "console", "json"])
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=_cmd_serve)
-    st = sub.add_parser("status", help="show the running daemon's live sessions (from its control socket)")
-    st_where = st.add_mutually_exclusive_group()
-    st_where.add_argument("-c", "--config", help="find the control socket through this config file")
-    st_where.add_argument("--socket", help="control socket path (default /run/uffdd/uffdd.ctl)")
-    st.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
-    st.add_argument("-q", "--quiet", action="store_true", help="print nothing: exit 0 if the daemon answers")
-    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
-    st.set_defaults(func=_cmd_status)
-    sec = sub.add_parser("secret", help="make a strong shared secret for `uffdd serve` and `kind: peer`")
-    sec.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (mode 0600, must not exist) "
-                     "instead of printing it")
-    sec.set_defaults(func=_cmd_secret)
-    v = sub.add_parser("validate", help="check a config file and exit")
-    v.add_argument("-c", "--config", required=True)
-    v.set_defaults(func=_cmd_validate)
-    c = sub.add_parser("check", help="report what this kernel and these permissions allow")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=_cmd_check)
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = sub.add_parser("demo", help="restore a stand-in guest from a generated snapshot, end to end")
     d.add_argument("--size", type=parse_size, default=256 << 20, help="guest memory (default 256M)")
     d.add_argument("--page-size", type=parse_size, default=4096, help="4K (shmem) or 2M (hugetlbfs)")
@@ -262,6 +241,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--peer-deadline", type=float, default=30.0,
                    help="seconds the source may stay unreachable before the demo fails (default 30)")
     d.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uffdd", description="userfaultfd page-fault daemon")
+    p.add_argument("--version", action="version", version=f"uffdd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the daemon")
+    r.add_argument("-c", "--config", required=True, help="YAML config file")
+    r.set_defaults(func=_cmd_run)
+    _add_serve_parser(sub)
+    st = sub.add_parser("status", help="show the running daemon's live sessions (from its control socket)")
+    st_where = st.add_mutually_exclusive_group()
+    st_where.add_argument("-c", "--config", help="find the control socket through this config file")
+    st_where.add_argument("--socket", help="control socket path (default /run/uffdd/uffdd.ctl)")
+    st.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+    st.add_argument("-q", "--quiet", action="store_true", help="print nothing: exit 0 if the daemon answers")
+    st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    st.set_defaults(func=_cmd_status)
+    sec = sub.add_parser("secret", help="make a strong shared secret for `uffdd serve` and `kind: peer`")
+    sec.add_argument("-o", "--output", metavar="FILE", help="write it to FILE (mode 0600, must not exist) "
+                     "instead of printing it")
+    sec.set_defaults(func=_cmd_secret)
+    v = sub.add_parser("validate", help="check a config file and exit")
+    v.add_argument("-c", "--config", required=True)
+    v.set_defaults(func=_cmd_validate)
+    c = sub.add_parser("check", help="report what this kernel and these permissions allow")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_check)
+    _add_demo_parser(sub)
     _add_pack_parser(sub)
     return p
 
