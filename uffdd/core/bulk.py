@@ -101,6 +101,8 @@ class PrefetchHost(Protocol):
 
     def covers(self, region: Region, lo: int, n: int) -> bool: ...
 
+    def memory_short(self) -> bool: ...
+
 
 class _InFlight:
     __slots__ = ("claims", "frozen", "lo", "n", "region", "stolen")
@@ -282,9 +284,15 @@ class BulkFetcher:
         for p, q in pieces:
             with buf.view[(p - run.lo) << r.shift : (q - run.lo) << r.shift] as data:
                 if not self.host.hugetlb:
+                    # pwrite past the end would grow a file the VMM shrank: check it before
+                    # and after (a shrink in between leaves the file short of the regions).
+                    if not self.host.covers(r, p, q - p):
+                        raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift)
                     done = 0
                     while done < len(data):
                         done += os.pwrite(memfd, data[done:], r.file_offset(p) + done)
+                    if self.host.memory_short():
+                        raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift)
                     continue
                 with r.mem[p << r.shift : q << r.shift] as dest:
                     try:
@@ -328,10 +336,14 @@ class BulkFetcher:
                 raise SourceError(f"source has {len(src)} bytes, prefetch needs {foff + length}")
             memfd = self.host.memfd
             assert memfd is not None
+            if not self.host.covers(r, i, n):  # pwrite would grow a file the VMM shrank
+                raise GuestMemoryGone.at(foff, length)
             with memoryview(src)[foff : foff + length] as chunk:
                 done = 0
                 while done < length:
                     done += os.pwrite(memfd, chunk[done:], foff + done)
+            if self.host.memory_short():
+                raise GuestMemoryGone.at(foff, length)
 
     @staticmethod
     def _read(fd: int, runs: list[Run], dest: memoryview) -> None:

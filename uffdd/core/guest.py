@@ -68,7 +68,10 @@ class Guest:
                 raise
         mems = [m.view(m.offset, m.size) for m in self.mappings] if memfd is not None else None
         self.regions = RegionMap(handshake.regions, states.view, mems)
-        self.installer = Installer(uffd, stats, page_size=self.page_size, anonymous=self.anonymous, log=log)
+        self.file_end = max(r.offset + r.size for r in handshake.regions)
+        """Bytes of the memory file the regions need."""
+        self.installer = Installer(uffd, stats, page_size=self.page_size, anonymous=self.anonymous, log=log,
+                                   memory_short=self.memory_short)
         self.retries: Retries | None = None
         """Set when the session starts (timers need its loop)."""
         self.cursor: tuple[Region, int] = (self.regions.regions[0], 0)
@@ -268,6 +271,15 @@ class Guest:
             return os.fstat(self.memfd).st_size >= region.file_offset(lo) + (n << region.shift)
         except OSError:
             return False
+
+    def memory_short(self) -> bool:
+        """Whether the memory file is shorter than the regions need (the VMM shrank it)."""
+        if self.memfd is None:
+            return False
+        try:
+            return os.fstat(self.memfd).st_size < self.file_end
+        except OSError:
+            return True
 
     def gone_unless_covered(self, region: Region, lo: int, n: int) -> bool:
         """After a failed copy into guest memory: if the memory file no longer holds the pages,

@@ -8,12 +8,15 @@ ways. They are handled here once, and callers act on an :class:`Outcome`:
 - EAGAIN: an event the daemon has not read yet changes the mapping (or only part of a range was
   done) -> RETRY, with the bytes done before it; the caller reads the queue and tries later;
 - ESRCH/ENOENT: the guest process or its mapping is gone -> GONE, the session ends;
+- EFAULT from CONTINUE while the memory file is shorter than the regions need: the VMM shrank
+  it under us -> GONE (GuestMemoryGone), the session ends instead of failing page by page;
 - anything else is counted and logged -> FAILED, and retried later like RETRY.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
@@ -21,6 +24,7 @@ from typing import NamedTuple
 import structlog
 
 from uffdd.core.stats import SessionStats
+from uffdd.errors import GuestMemoryGone
 from uffdd.kernel import GuestGone, KernelError, MappingChanging, PageExists, Userfaultfd
 from uffdd.kernel.memory import PrivateBuffer
 
@@ -45,7 +49,7 @@ class Result(NamedTuple):
     outcome: Outcome
     done: int
     """Bytes the kernel completed (the whole length for DONE)."""
-    error: KernelError | None = None
+    error: KernelError | GuestMemoryGone | None = None
 
 
 _DONE_CACHE: dict[int, Result] = {}
@@ -62,8 +66,11 @@ class Installer:
     """Issues the installing ioctls of one session's userfaultfd and classifies what happens."""
 
     def __init__(self, uffd: Userfaultfd, stats: SessionStats, *, page_size: int, anonymous: bool,
-                 log: structlog.typing.FilteringBoundLogger) -> None:
+                 log: structlog.typing.FilteringBoundLogger,
+                 memory_short: Callable[[], bool] = lambda: False) -> None:
         self.uffd = uffd
+        self.memory_short = memory_short
+        """Whether the memory file has shrunk below the regions (checked only after an EFAULT)."""
         self.stats = stats
         self.page_size = page_size
         self.anonymous = anonymous
@@ -89,6 +96,9 @@ class Installer:
             return Result(Outcome.RETRY, exc.done, exc)
         if isinstance(exc, GuestGone):
             return Result(Outcome.GONE, 0, exc)
+        if exc.errno == errno.EFAULT and what == "continue" and self.memory_short():
+            return Result(Outcome.GONE, 0, GuestMemoryGone(
+                f"the memory file shrank below the guest's regions (UFFDIO_CONTINUE at {addr:#x}: EFAULT)"))
         self.stats.kernel_errors += 1
         self._log.error("install_failed", op=what, address=hex(addr), bytes=length, error=str(exc))
         return Result(Outcome.FAILED, 0, exc)

@@ -235,6 +235,8 @@ class Listener:
             session.start()
             self._changed()
             await self._until_eof_or_done(conn, session)
+            if session.failure is not None:  # the VMM learns why its guest is no longer served
+                await send_line(conn, {"event": "failed", "session": sid, "error": str(session.failure)})
         finally:
             if not self.handing_over:
                 self.store.remove(sid)

@@ -87,6 +87,9 @@ class VmmSpec:
     and check that the ranges were unregistered."""
     timeout: int = 120
     extra_fds: list[int] = field(default_factory=list)
+    shrink_after: float = -1.0
+    """If >= 0: a hostile VMM. This many seconds after "ready" it truncates its memory file to
+    nothing while the daemon is filling it, touches no page and reports what the daemon said."""
 
 
 def _addr(mm: mmap.mmap) -> int:
@@ -259,6 +262,9 @@ def run(spec: VmmSpec) -> dict[str, object]:
     sock, lines, answer = vm.handshake(uffd)
     if "error" in answer:
         return {"ok": False, "error": answer["error"], "stage": "handshake"}
+    if spec.shrink_after >= 0:
+        uffd.close()  # handed over: the daemon's copy is the only one
+        return _shrink(spec, vm, lines, sock)
     time.sleep(spec.start_delay)
     if spec.remap_region >= 0:
         i = spec.remap_region
@@ -286,6 +292,20 @@ def run(spec: VmmSpec) -> dict[str, object]:
         print(json.dumps(result), flush=True)
         ctypes.string_at(work.pages[spec.final_touch][0], 8)
     return result
+
+
+def _shrink(spec: VmmSpec, vm: _StandIn, lines: Any, sock: socket.socket) -> dict[str, object]:
+    """Truncate the memory file under the daemon's fills, then read its lines until it hangs up."""
+    time.sleep(spec.shrink_after)
+    os.ftruncate(vm.memfd, 0)
+    events: list[dict[str, object]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (more := _next_line(lines, sock, deadline - time.monotonic())):
+        events += more
+        if more[0].get("event") == "failed":
+            break
+    sock.close()
+    return {"ok": True, "shrunk": True, "events": events}
 
 
 def _report(spec: VmmSpec, vm: _StandIn, work: _Workload, elapsed: float, wrong: list[int], checked: int,
