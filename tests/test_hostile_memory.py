@@ -1,5 +1,6 @@
-"""A VMM that shrinks its own memory file while the daemon fills it: that session ends with an
-error line, the daemon lives, and a healthy guest served beside it gets every page right.
+"""Hostile memory: a VMM that shrinks its own memory file while the daemon fills it, and a
+snapshot written in place during a restore. The affected session ends with an error line, the
+daemon lives, and a healthy guest served beside it gets every page right.
 
 The daemon runs as shipped (fault-around, background pre-paging) in its own process, with a file
 source and with a peer source (``uffdd serve`` in another process), on shmem and on hugetlbfs.
@@ -10,13 +11,16 @@ guest down), and a ``pwrite`` grew the file back and the session failed page by 
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import HUGE, DaemonProcess
+from tests.conftest import HUGE, DaemonProcess, make_config, running_daemon
+from uffdd.errors import SourceChanged
 from uffdd.peer.testing import ServeProcess
 from uffdd.testing import VmmProcess, VmmSpec, make_snapshot
 
@@ -95,3 +99,35 @@ def test_a_vmm_that_shrinks_its_memory_file_mid_fill_ends_only_its_own_session(
     again = VmmProcess(VmmSpec(socket=d.socket, snapshot=str(small), region_sizes=[SMALL], page_size=page_size,
                                threads=2, vm_id="after", source="small"))
     assert again.result(90)["wrong_pages"] == 0
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["checked", "verify_unchanged-off"])
+async def test_a_snapshot_overwritten_in_place_mid_restore_ends_that_session_loudly(
+        tmp_path: Path, snapshot_4k: Path, verify: bool) -> None:
+    """Someone writes into a snapshot while a guest is restored from it: the session ends with
+    a 'failed' line, an error log and the uffdd_source_changed counter, instead of mixing old
+    and new bytes silently; a guest restored from another snapshot meanwhile is untouched.
+    With verify_unchanged off (a file that may legitimately change) the session goes on."""
+    victim = tmp_path / "victim.mem"
+    shutil.copyfile(snapshot_4k, victim)
+    cfg = make_config(tmp_path, snapshot_4k, sources={
+        "default": {"kind": "file", "path": str(snapshot_4k)},
+        "victim": {"kind": "file", "path": str(victim), "verify_unchanged": verify}})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        listener = d.start_vmm(vm_id="victim", source="victim", listen_only=4.0)
+        session = await d.session()
+        healthy = d.start_vmm(vm_id="healthy", region_sizes=[SMALL], threads=2)
+        with open(victim, "r+b") as fh:  # an in-place write: same inode, new bytes
+            fh.write(b"\xee" * 4096)
+        told = await asyncio.to_thread(listener.result, 30)
+        res = await asyncio.to_thread(healthy.result, 60)
+        assert res["wrong_pages"] == 0 and res["pages_checked"] == SMALL // 4096
+        events = told["events"]
+        assert isinstance(events, list)
+        failed = [e for e in events if e.get("event") == "failed"]
+        if verify:
+            assert len(failed) == 1 and "modified during the restore" in str(failed[0]["error"]), told
+            assert isinstance(session.failure, SourceChanged) and session.stats.source_changed == 1
+            assert d.listener.ended_totals.source_changed == 1
+        else:
+            assert failed == [] and session.failure is None

@@ -8,7 +8,9 @@
     │   ├── SourceShortRead    it ended before the page did (never zero-filled)
     │   └── PagePoisoned       the source holds a memory error there (installed as poison)
     └── SessionError           a session cannot go on (its guest or userfaultfd is gone)
-        └── GuestMemoryGone    the guest's memory file no longer covers what must be filled
+        ├── GuestMemoryGone    the guest's memory file no longer covers what must be filled
+        └── SourceChanged      the source's bytes changed during the restore (a snapshot
+                               overwritten in place)
 
 Kernel refusals are :class:`uffdd.kernel.KernelError` (an ``OSError``) and its subclasses.
 """
@@ -65,3 +67,8 @@ class GuestMemoryGone(SessionError):
     def at(cls, offset: int, length: int) -> GuestMemoryGone:
         return cls(f"the guest's memory file no longer covers {offset:#x}+{length:#x} (shrunk by the VMM?): "
                    "the session cannot fill it and ends")
+
+
+class SourceChanged(SessionError):
+    """The source's bytes are no longer those the restore started from (a snapshot file written
+    in place): pages already served may mix old and new bytes, so the session ends loudly."""

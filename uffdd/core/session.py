@@ -36,11 +36,15 @@ from uffdd.core.registration import EVENTS, prepare_uffd
 from uffdd.core.retry import Retries
 from uffdd.core.stats import SessionStats
 from uffdd.core.tasks import Tasks
+from uffdd.errors import SourceChanged
 from uffdd.handshake import Handshake, check_against
 from uffdd.kernel import KernelError, Userfaultfd, abi, file_page_size, file_size
 from uffdd.sources import PageSource
 
 log = structlog.get_logger("uffdd.session")
+
+SOURCE_CHECK_S = 0.5
+"""How often a session checks that its source has not changed under it (one fstat)."""
 
 
 class Session:
@@ -135,6 +139,7 @@ class Session:
             self._resume()
         loop.call_soon(self.faults.on_readable)  # faults may have queued before add_reader
         self._tasks.spawn(self.prefetcher.run())
+        self._tasks.spawn(self._watch_source())
         self.completion.enabled = True
         if self.stats.all_in_place:
             self.completion.schedule()
@@ -175,6 +180,16 @@ class Session:
             self.native.set_regions()
         if self.on_regions_changed is not None:
             self.on_regions_changed(self)
+
+    async def _watch_source(self) -> None:
+        """Until the session ends: a source whose bytes change under the restore ends it."""
+        while True:
+            await asyncio.sleep(SOURCE_CHECK_S)
+            why = self.source.changed()
+            if why is not None:
+                self.stats.source_changed = 1
+                self._fail(SourceChanged(why))
+                return
 
     def _fail(self, exc: BaseException) -> None:
         """The guest is gone or the uffd is unusable: record it and end the session."""

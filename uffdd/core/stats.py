@@ -76,6 +76,8 @@ class SessionStats:
     retries: int = 0
     source_errors: int = 0
     kernel_errors: int = 0
+    source_changed: int = 0
+    """1 if the session ended because its source's bytes changed during the restore."""
     bytes_filled: int = 0
     started: float = field(default_factory=time.monotonic)
     latency_log2_us: array[int] = field(default_factory=lambda: array("Q", bytes(8 * LAT_BUCKETS)))
@@ -136,7 +138,7 @@ class SessionStats:
 SUMMED = ("pages_total", "pages_filled", "pages_demand", "pages_fault_around", "pages_prefetch", "pages_replay",
           "blocked_ns", "fault_msgs", "minor_faults", "fills_inline", "fills_async",
           "pages_removed", "pages_zeroed", "pages_poisoned", "events", "coalesced", "stolen", "already_mapped",
-          "retries", "source_errors", "kernel_errors", "bytes_filled")
+          "retries", "source_errors", "kernel_errors", "source_changed", "bytes_filled")
 """The counters :meth:`SessionStats.add` sums (everything but the time and the histogram)."""
 
 

@@ -28,6 +28,7 @@ _COUNTERS = {
     "coalesced": ("uffdd_faults_coalesced", "Faults on a page whose fill was already in flight"),
     "source_errors": ("uffdd_source_errors", "Failed source reads (each retried)"),
     "kernel_errors": ("uffdd_kernel_errors", "Failed userfaultfd ioctls (each retried)"),
+    "source_changed": ("uffdd_source_changed", "Sessions ended because their source changed during the restore"),
     "retries": ("uffdd_continue_retries", "UFFDIO_CONTINUE retried after EAGAIN"),
 }
 OUTCOMES = {"inline": "fills_inline", "waited": "fills_async", "coalesced": "coalesced",

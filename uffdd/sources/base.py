@@ -90,6 +90,12 @@ class PageSource(ABC):
         would have. Default: None."""
         return None
 
+    def changed(self) -> str | None:
+        """Why the source's bytes are no longer those the session started from, or None.
+        Checked periodically: a restore must not go on silently from a rewritten image.
+        Default: None (sources that verify every byte against a hash need no check)."""
+        return None
+
     def fill_nowait(self, offset: int, dest: memoryview) -> bool:
         """Try to fill without blocking; False means "use :meth:`fill`". Default: never."""
         return False

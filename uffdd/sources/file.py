@@ -36,6 +36,10 @@ class FileSourceConfig(SourceConfig):
     kind: Literal["file"] = "file"
     path: str
     """Snapshot path; ``{vm_id}`` is replaced by the handshake's vm_id."""
+    verify_unchanged: bool = True
+    """End a session whose snapshot is written in place during the restore (its size, mtime or
+    ctime change). Off only for a file that legitimately changes, such as a live guest's
+    memory in /dev/shm whose owner promises not to touch what is still being copied."""
 
 
 class FileSource(PageSource):
@@ -43,10 +47,13 @@ class FileSource(PageSource):
 
     config_model: ClassVar[type[SourceConfig]] = FileSourceConfig
 
-    def __init__(self, path: str, fd: int, poisoned: list[tuple[int, int]] | None = None) -> None:
+    def __init__(self, path: str, fd: int, poisoned: list[tuple[int, int]] | None = None, *,
+                 verify_unchanged: bool = True) -> None:
         self.path = path
         self._fd = fd
-        self._size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self._size = st.st_size
+        self._identity = (st.st_size, st.st_mtime_ns, st.st_ctime_ns) if verify_unchanged else None
         self._nowait: int | None = 0 if _fs_type(fd) in _MEMORY_FS else _RWF_NOWAIT
         """preadv flags for inline reads; None: this file system cannot say "would block".
         Files in memory (tmpfs refuses RWF_NOWAIT) are read inline without the flag."""
@@ -66,11 +73,21 @@ class FileSource(PageSource):
         except ValueError as exc:
             os.close(fd)
             raise SourceUnavailable(str(exc)) from None
-        return cls(path, fd, poisoned)
+        return cls(path, fd, poisoned, verify_unchanged=config.verify_unchanged)
 
     @property
     def size(self) -> int:
         return self._size
+
+    def changed(self) -> str | None:
+        if self._identity is None:
+            return None
+        st = os.fstat(self._fd)
+        now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if now == self._identity:
+            return None
+        return (f"snapshot {self.path!r} was modified during the restore (size {self._identity[0]} -> "
+                f"{now[0]}, mtime or ctime changed): pages already served may mix old and new bytes")
 
     def _poisoned(self, offset: int, length: int) -> PagePoisoned | None:
         for start, n in self._poison:  # a handful of marks at most

@@ -87,9 +87,12 @@ class VmmSpec:
     and check that the ranges were unregistered."""
     timeout: int = 120
     extra_fds: list[int] = field(default_factory=list)
+    listen_only: float = 0.0
+    """If > 0: after "ready", close this VMM's copy of the userfaultfd, touch no page and report
+    the lines the daemon sends within this many seconds (until a "failed" line or hang-up)."""
     shrink_after: float = -1.0
     """If >= 0: a hostile VMM. This many seconds after "ready" it truncates its memory file to
-    nothing while the daemon is filling it, touches no page and reports what the daemon said."""
+    nothing while the daemon is filling it, then listens as with ``listen_only`` (30 s)."""
 
 
 def _addr(mm: mmap.mmap) -> int:
@@ -262,9 +265,9 @@ def run(spec: VmmSpec) -> dict[str, object]:
     sock, lines, answer = vm.handshake(uffd)
     if "error" in answer:
         return {"ok": False, "error": answer["error"], "stage": "handshake"}
-    if spec.shrink_after >= 0:
+    if spec.shrink_after >= 0 or spec.listen_only > 0:
         uffd.close()  # handed over: the daemon's copy is the only one
-        return _shrink(spec, vm, lines, sock)
+        return _listen(spec, vm, lines, sock)
     time.sleep(spec.start_delay)
     if spec.remap_region >= 0:
         i = spec.remap_region
@@ -294,18 +297,20 @@ def run(spec: VmmSpec) -> dict[str, object]:
     return result
 
 
-def _shrink(spec: VmmSpec, vm: _StandIn, lines: Any, sock: socket.socket) -> dict[str, object]:
-    """Truncate the memory file under the daemon's fills, then read its lines until it hangs up."""
-    time.sleep(spec.shrink_after)
-    os.ftruncate(vm.memfd, 0)
+def _listen(spec: VmmSpec, vm: _StandIn, lines: Any, sock: socket.socket) -> dict[str, object]:
+    """Read the daemon's lines until it hangs up or says the session failed (after truncating
+    the memory file under its fills, if ``shrink_after``)."""
+    if spec.shrink_after >= 0:
+        time.sleep(spec.shrink_after)
+        os.ftruncate(vm.memfd, 0)
     events: list[dict[str, object]] = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + (spec.listen_only or 30)
     while time.monotonic() < deadline and (more := _next_line(lines, sock, deadline - time.monotonic())):
         events += more
         if more[0].get("event") == "failed":
             break
     sock.close()
-    return {"ok": True, "shrunk": True, "events": events}
+    return {"ok": True, "shrunk": spec.shrink_after >= 0, "events": events}
 
 
 def _report(spec: VmmSpec, vm: _StandIn, work: _Workload, elapsed: float, wrong: list[int], checked: int,
