@@ -12,8 +12,10 @@ import pytest
 import structlog
 
 from tests.conftest import HUGE, Daemon, make_config, running_daemon
+from tests.flaky import FlakySource
 from tests.test_session import assert_all_correct
 from uffdd.core import workingset
+from uffdd.core.prefetch import CRASH_DELAY_MIN_S
 from uffdd.sources import BUILTIN_SOURCES
 from uffdd.sources.base import PageSource, SourceConfig
 from uffdd.sources.file import FileSource, FileSourceConfig, record_path_for
@@ -220,3 +222,24 @@ async def test_copy_threads_are_joined_before_the_source_is_closed(
     assert isinstance(source, JoinCheckSource)
     assert session.stats.pages_prefetch > 0  # the copy threads did run
     assert source.copy_threads_at_close == []
+
+
+async def test_background_work_that_crashes_backs_off_instead_of_spinning_then_finishes(
+        tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Background reads fail as they do in a process that cannot start a thread (not a source
+    error) for a second: pre-paging backs off (a handful of tries and log lines, not thousands),
+    then installs the whole guest once they work again, every byte right."""
+    monkeypatch.setitem(BUILTIN_SOURCES, "flaky", "tests.flaky:FlakySource")
+    cfg = make_config(tmp_path, snapshot_4k, session=PREFETCH_ON, sources={"default": {
+        "kind": "flaky", "path": str(snapshot_4k), "fail_every": 10**9, "prefetch_crash_s": 1.0}})
+    with structlog.testing.capture_logs() as logs:
+        async with running_daemon(cfg, snapshot_4k) as d:
+            res = await d.run_vmm(region_sizes=[8 * MIB], touch_fraction=0, wait_complete=30)
+            session = await d.session()
+    assert_all_correct(res)
+    assert [e["event"] for e in res["events"]] == ["complete"]
+    source = session.source
+    assert isinstance(source, FlakySource)
+    assert 1 <= source.crashes <= 40, source.crashes  # without the back-off: thousands in that second
+    crashed = [e for e in logs if e["event"] == "prefetch_crashed"]
+    assert 1 <= len(crashed) <= 10 and crashed[0]["retry_in"] == CRASH_DELAY_MIN_S

@@ -257,11 +257,13 @@ async def test_source_failures_are_retried_and_never_reach_the_guest(
 @pytest.mark.parametrize("fault_path", FAULT_PATHS)
 async def test_snapshot_truncated_mid_run_makes_faults_wait_not_read_zeros(
         tmp_path: Path, snapshot_4k: Path, fault_path: str) -> None:
-    """Pages past the end of a shrunken snapshot are retried until the bytes are back."""
+    """Pages past the end of a shrunken snapshot are retried until the bytes are back (for a
+    file that may change under the restore: a changed snapshot otherwise ends the session)."""
     snap = tmp_path / "shrinking.mem"
     data = snapshot_4k.read_bytes()[: 4 * MIB]
     snap.write_bytes(data)
-    cfg = make_config(tmp_path, snap, session=core_session(fault_path))
+    cfg = make_config(tmp_path, snap, session=core_session(fault_path),
+                      sources={"default": {"kind": "file", "path": str(snap), "verify_unchanged": False}})
     async with running_daemon(cfg, snap) as d:
         vmm = d.start_vmm(region_sizes=[4 * MIB], threads=2, start_delay=1.0)
         await eventually(lambda: d.listener.sessions, what="the handshake was accepted")

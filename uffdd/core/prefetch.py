@@ -26,6 +26,9 @@ from uffdd.sources import PageSource
 
 _FILLING = bytes((FILLING,))
 
+CRASH_DELAY_MIN_S = 0.05
+CRASH_DELAY_MAX_S = 5.0
+
 
 class Prefetcher:
     """One per session; :meth:`run` is the session's background task."""
@@ -47,6 +50,10 @@ class Prefetcher:
         self._rate_bytes = 0
         self._tasks = Tasks()
         self._stopped = False
+        self._crash_delay = 0.0
+        """After background work failed unexpectedly (no thread could be started, say): how long
+        claiming waits, doubling up to CRASH_DELAY_MAX_S, so a lasting failure never spins."""
+        self._resume_at = 0.0
 
     def stop(self) -> None:
         """No new background work (the session is complete); work in flight finishes."""
@@ -79,7 +86,7 @@ class Prefetcher:
         todo = record_runs(pages)
         k = 0
         while k < len(todo) and not self.host.closed:
-            await self._slots.acquire()  # claim pages only when they can be fetched right away
+            await self._slot()
             await self._throttle(self.chunk_pages * self.host.page_size)
             batch: list[Run] = []
             batch_pages = 0
@@ -148,7 +155,7 @@ class Prefetcher:
 
     async def _scan(self) -> None:
         while not self.host.closed and not self._stopped:
-            await self._slots.acquire()  # claim pages only when they can be fetched right away
+            await self._slot()
             await self._throttle(self.chunk_pages * self.host.page_size)
             run = self._next_run()
             if run is None:
@@ -157,6 +164,13 @@ class Prefetcher:
             await self._dispatch([run], PREFETCH)
 
     # --- how fast ----------------------------------------------------------------------------
+    async def _slot(self) -> None:
+        """Claim pages only when they can be fetched right away (an in-flight slot is free), and
+        not while backing off after a crash."""
+        await self._slots.acquire()
+        if (pause := self._resume_at - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
+
     async def _dispatch(self, runs: list[Run], path: str) -> None:
         """Start fetching ``runs`` (an in-flight slot is already held)."""
         task = self._tasks.spawn(self._fetch(runs, path))
@@ -182,11 +196,18 @@ class Prefetcher:
             await self.fetcher.fetch(runs, path)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             # Never leave claimed pages stuck: hand them back to the demand path and make their
-            # waiting vCPUs fault again.
-            self.host.log.exception("prefetch_crashed")
+            # waiting vCPUs fault again. Then back off: the cause may last (threads, memory).
             self.host.release_claims(runs)
+            if time.monotonic() < self._resume_at:
+                return  # a run that was already in flight: the back-off is logged once
+            self._crash_delay = min(max(2 * self._crash_delay, CRASH_DELAY_MIN_S), CRASH_DELAY_MAX_S)
+            self._resume_at = time.monotonic() + self._crash_delay
+            self.host.log.error("prefetch_crashed", error=repr(exc), retry_in=self._crash_delay,
+                                exc_info=self._crash_delay == CRASH_DELAY_MIN_S)  # one traceback a streak
+        else:
+            self._crash_delay = 0.0
 
 
 __all__ = ["Prefetcher"]
