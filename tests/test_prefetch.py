@@ -16,9 +16,11 @@ from tests.flaky import FlakySource
 from tests.test_session import assert_all_correct
 from uffdd.core import workingset
 from uffdd.core.prefetch import CRASH_DELAY_MIN_S
+from uffdd.service.metrics import SessionCollector
 from uffdd.sources import BUILTIN_SOURCES
 from uffdd.sources.base import PageSource, SourceConfig
 from uffdd.sources.file import FileSource, FileSourceConfig, record_path_for
+from uffdd.testing.waiting import eventually
 
 MIB = 1 << 20
 PREFETCH_ON = {"fault_around": 0, "prefetch": {"enabled": True}}
@@ -243,3 +245,25 @@ async def test_background_work_that_crashes_backs_off_instead_of_spinning_then_f
     assert 1 <= source.crashes <= 40, source.crashes  # without the back-off: thousands in that second
     crashed = [e for e in logs if e["event"] == "prefetch_crashed"]
     assert 1 <= len(crashed) <= 10 and crashed[0]["retry_in"] == CRASH_DELAY_MIN_S
+
+
+async def test_pages_in_flight_are_counted_as_they_go_for_the_metrics(
+        tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uffdd_pages_inflight gauge comes from the fillers' own counts, not a scan of every
+    page's state per scrape: four slow background runs of 16 pages show as 64, then 0."""
+    monkeypatch.setitem(BUILTIN_SOURCES, "slowprefetch", "tests.test_prefetch:SlowPrefetchSource")
+    cfg = make_config(tmp_path, snapshot_4k, sources={"default": {"kind": "slowprefetch", "path": str(snapshot_4k)}},
+                      session={"fault_around": 0, "prefetch": {"enabled": True, "chunk": 64 * 1024,
+                                                                "max_inflight": 256 * 1024}})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        vmm = d.start_vmm(region_sizes=[1 * MIB], touch_fraction=0, wait_complete=30)
+        session = await d.session()
+
+        def gauge() -> float:
+            fams = {f.name: f for f in SessionCollector(d.listener).collect()}
+            return sum(s.value for s in fams["uffdd_pages_inflight"].samples)
+
+        await eventually(lambda: session.pages_in_flight == 64 and gauge() == 64, what="four runs in flight")
+        res: dict[str, Any] = await asyncio.to_thread(vmm.result, 30)
+        assert_all_correct(res)
+        assert session.pages_in_flight == 0 and gauge() == 0

@@ -148,6 +148,12 @@ class BulkFetcher:
         if not (host.anonymous or host.hugetlb or host.memfd is None):
             self._direct = source.direct_bulk()
 
+    @property
+    def inflight_pages(self) -> int:
+        """Pages of background runs on their way right now (those taken over by demand faults
+        are counted there)."""
+        return sum(run.n - len(run.stolen) for run in self._inflight)
+
     async def fetch(self, runs: list[Run], path: str) -> None:
         """Fill ``runs`` and install them. A source error is retried with backoff, and only
         for what is not installed yet: an installed page is never written again. If the memory

@@ -42,6 +42,8 @@ class DemandFiller:
         self._bounce = PrivateBuffer(self.block_pages * guest.page_size) if guest.anonymous else None
         """Inline fills of anonymous memory go through this buffer (COPY takes it from there)."""
         self._fill_nowait = source.fill_nowait
+        self.inflight = 0
+        """Pages whose demand fill waits for the source right now (for the metrics)."""
 
     def block(self, region: Region, idx: int) -> tuple[int, int]:
         """The pages [lo, hi) to fill for a fault on ``idx``: the EMPTY pages around it, within
@@ -85,6 +87,7 @@ class DemandFiller:
             dest.release()
             buf = PrivateBuffer(n << shift)
             dest = buf.view[: n << shift]
+        self.inflight += n
         self._spawn(self._fill_async(region, lo, n, wait, dest, buf))
 
     async def _fill_async(self, region: Region, lo: int, n: int, wait: Wait | None, dest: memoryview,
@@ -95,6 +98,7 @@ class DemandFiller:
                 return
         finally:
             dest.release()
+            self.inflight -= n
         self.guest.install_run(region, lo, n, DEMAND, wait, buf)
 
     async def _fetch(self, region: Region, lo: int, n: int, wait: Wait | None, dest: memoryview) -> bool:

@@ -263,6 +263,12 @@ class Session:
         return self._closed
 
     @property
+    def pages_in_flight(self) -> int:
+        """Pages being fetched from the source now: kept by the fillers as they go, so a metrics
+        scrape never scans the page states."""
+        return self.filler.inflight + self.fetcher.inflight_pages
+
+    @property
     def memfd(self) -> int | None:
         return self.guest.memfd
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from uffdd.core import FILLING, Session, SessionStats
+from uffdd.core import Session, SessionStats
 from uffdd.service.listener import Listener
 from uffdd.service.totals import PATHS, SourceTotals
 
@@ -39,11 +39,8 @@ got zeros for a page the guest had discarded."""
 
 
 def _inflight(s: Session) -> int:
-    """Pages being fetched right now (FILLING in the page-state file); 0 once released."""
-    try:
-        return s.states.count(FILLING)
-    except (ValueError, BufferError):  # closed by the event loop while we scrape
-        return 0
+    """Pages being fetched right now, from the session's own counts (no scan of its pages)."""
+    return s.pages_in_flight
 
 
 class SessionCollector(Collector):
