@@ -151,11 +151,25 @@ async def test_vmm_gone_mid_run_ends_session_and_releases_fds_and_mappings(daemo
                 out[fd] = target
         return out
 
-    leaked = {fd: t for fd, t in session_fds().items() if fd not in fds_before}
-    assert not leaked
+    # (A userfaultfd whose VMM hung up early is read until that process has exited: at once.)
+    await eventually(lambda: not {fd: t for fd, t in session_fds().items() if fd not in fds_before},
+                     what="no descriptor of the session left")
     assert _memfd_mappings() == 0
+    assert len(daemon.listener.orphans) == 0
     # ... and the daemon carries on serving.
     assert_all_correct(await daemon.run_vmm(region_sizes=[1 * MIB]))
+
+
+async def test_a_vmm_that_hangs_up_early_and_unmaps_its_memory_is_not_blocked(daemon: Daemon) -> None:
+    """A VMM keeps its own copy of the userfaultfd, hangs up before its guest is complete, then
+    unmaps guest memory: the UNMAP event uffdd turned on is still read, so munmap returns (it
+    used to wait forever on a userfaultfd nobody read). The daemon lets go once the VMM exits."""
+    res = await daemon.run_vmm(region_sizes=[16 * MIB], threads=1, disconnect_after=200,
+                               unmap_after_disconnect=True, timeout=20)
+    assert res["returncode"] == 0 and float(res["unmap_s"]) < 5, res
+    session = await daemon.session()
+    assert session.closed and session.stats.pages_filled < (16 * MIB) // 4096
+    await eventually(lambda: len(daemon.listener.orphans) == 0, what="the exited VMM's userfaultfd closed")
 
 
 async def _raw_handshake(sock_path: str, body: bytes, fds: list[int], *, read: bool = True) -> dict[str, Any]:

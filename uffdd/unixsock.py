@@ -58,6 +58,14 @@ def parse_ancillary(anc: Iterable[tuple[int, int, bytes]]) -> tuple[list[int], i
     return fds, pid
 
 
+def peer_pid(conn: socket.socket) -> int:
+    """The connecting process's pid (SO_PEERCRED), 0 if the kernel cannot say."""
+    try:
+        return int(UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))[0])
+    except OSError:
+        return 0
+
+
 def close_fds(fds: Iterable[int]) -> None:
     """Close each fd, ignoring those already closed."""
     for fd in fds:

@@ -29,6 +29,7 @@ from uffdd.core.faultloop import FaultLoop
 from uffdd.core.fill import DemandFiller
 from uffdd.core.guest import PREFETCH, Guest
 from uffdd.core.native import NativePath, native_available
+from uffdd.core.orphans import Orphans
 from uffdd.core.pagestate import FILLED, INSTALLING, REMOVED, UNMAPPED, PageStates
 from uffdd.core.prefetch import Prefetcher
 from uffdd.core.recorder import Recorder
@@ -92,6 +93,11 @@ class Session:
         self.failure: BaseException | None = None
         self.done: asyncio.Event = asyncio.Event()
         self.on_complete: Callable[[Session], None] | None = None
+        self.orphans: Orphans | None = None
+        """Where the userfaultfd goes if the VMM hangs up early (see :mod:`uffdd.core.orphans`)."""
+        self.vmm_pidfd: int | None = None
+        """The VMM process (a pidfd, owned by the session), when known."""
+        self._close_reason = ""
         self.on_regions_changed: Callable[[Session], None] | None = None
         """Called after an mremap moved or split regions (see :meth:`current_handshake`)."""
 
@@ -205,6 +211,7 @@ class Session:
             await self.done.wait()
             return
         self._closed = self.guest.closed = True
+        self._close_reason = reason
         await self._stop_work()
         if self.recorder is not None:
             await self.recorder.save()
@@ -255,6 +262,13 @@ class Session:
         await self.source.aclose()
         self.filler.close()
         self.guest.close()
+        pidfd, self.vmm_pidfd = self.vmm_pidfd, None
+        if pidfd is not None:
+            orphans = self.orphans
+            early = not self.completed and self._close_reason != "handed over" and self.features & EVENTS
+            if early and orphans is not None and orphans.adopt(self.guest.uffd, pidfd):
+                return  # the VMM's unmaps and discards must not block on a userfaultfd nobody reads
+            os.close(pidfd)
         self.guest.uffd.close()
 
     # --- queries -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import structlog
 from uffdd import handshake as hs_mod
 from uffdd.config import Config
 from uffdd.core import PageStates, Session, SessionStats
+from uffdd.core.orphans import Orphans, vmm_pidfd
 from uffdd.errors import HandshakeError, SourceError, UffddError
 from uffdd.kernel import Userfaultfd
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
@@ -30,6 +31,7 @@ from uffdd.unixsock import (
     accept_connection,
     bind_unix,
     close_fds,
+    peer_pid,
     receive_handshake,
     send_line,
     until_eof,
@@ -82,6 +84,8 @@ class Listener:
         self.resume_failures = 0
         self.store_failures = 0
         self.handing_over = False
+        self.orphans = Orphans()
+        """Userfaultfds of VMMs that hung up early, read until those VMMs exit."""
         self.on_change: Callable[[], None] | None = None
         """Called when a session starts or ends (the daemon updates its STATUS= line)."""
 
@@ -125,6 +129,7 @@ class Listener:
         """Stop accepting and end every session now (their VMMs lose their handler)."""
         await self.stop_accepting()
         await self.server.close()
+        self.orphans.close()
         for fds in self.unresumed.values():
             close_fds(fds.values())
         self.unresumed.clear()
@@ -226,6 +231,7 @@ class Listener:
                 record.update(handshake=s.current_handshake())  # a successor must see the new layout
 
         session.on_regions_changed = regions_changed
+        session.orphans, session.vmm_pidfd = self.orphans, vmm_pidfd(peer_pid(conn))
         try:
             if not record.ready_sent:
                 # "ready" goes out before anything else can be sent; faults queue meanwhile.

@@ -55,6 +55,9 @@ class VmmSpec:
     """Send the body in this many pieces with pauses (a stream socket may deliver it so)."""
     disconnect_after: int = -1
     """Pages touched (by thread 0) before the VMM drops the connection and exits at once."""
+    unmap_after_disconnect: bool = False
+    """With ``disconnect_after``: keep the userfaultfd, wait until the daemon has closed its end
+    of the connection, then unmap the guest's memory (timed: "unmap_s") before exiting."""
     verify: bool = True
     verify_only_touched: bool = False
     """Check only the pages the vCPUs touched (reading the rest would fault them in)."""
@@ -201,6 +204,7 @@ class _Workload:
         self.spec, self.sock = spec, sock
         self.pages = [(vm.bases[i] + p * ps, vm.offsets[i] + p * ps)
                       for i, size in enumerate(spec.region_sizes) for p in range(size // ps)]
+        self.ranges = list(zip(vm.bases, spec.region_sizes, strict=True))
         self.unmapped: set[int] = set()
         if spec.unmap_pages:
             first, count = spec.unmap_pages
@@ -241,12 +245,23 @@ class _Workload:
         for n, i in enumerate(self.shares[t]):
             if t == 0 and n == self.spec.disconnect_after:
                 # A VMM that goes away mid-run: report, drop the connection, exit at once.
-                print(json.dumps({"ok": True, "disconnected_after": n}), flush=True)
+                extra = self._unmap_after_hangup() if self.spec.unmap_after_disconnect else {}
+                print(json.dumps({"ok": True, "disconnected_after": n} | extra), flush=True)
                 self.sock.close()
                 os._exit(0)
             t0 = perf()
             memmove(buf, self.pages[i][0], 8)  # the first touch of the page: a fault the daemon resolves
             lat.append(perf() - t0)
+
+    def _unmap_after_hangup(self) -> dict[str, object]:
+        """Hang up, wait for the daemon to close its end, then unmap guest memory (timed)."""
+        self.sock.shutdown(socket.SHUT_WR)
+        while self.sock.recv(4096):
+            pass
+        t0 = time.monotonic()
+        for base, size in self.ranges:
+            _munmap(base, size)
+        return {"unmap_s": time.monotonic() - t0}
 
     def run(self) -> float:
         threads = [threading.Thread(target=self.vcpu, args=(t,), name=f"vcpu{t}") for t in range(self.spec.threads)]
