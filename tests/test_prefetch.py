@@ -14,6 +14,7 @@ import structlog
 from tests.conftest import HUGE, Daemon, make_config, running_daemon
 from tests.flaky import FlakySource
 from tests.test_session import assert_all_correct
+from uffdd.config import Config
 from uffdd.core import workingset
 from uffdd.core.prefetch import CRASH_DELAY_MIN_S
 from uffdd.service.metrics import SessionCollector
@@ -100,12 +101,17 @@ class SlowPrefetchSource(PageSource):
         await self.inner.aclose()
 
 
+def slow_prefetch_config(tmp_path: Path, snapshot: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """A SlowPrefetchSource, one page per fault, four background runs of 16 pages in flight."""
+    monkeypatch.setitem(BUILTIN_SOURCES, "slowprefetch", "tests.test_prefetch:SlowPrefetchSource")
+    return make_config(tmp_path, snapshot, sources={"default": {"kind": "slowprefetch", "path": str(snapshot)}},
+                       session={"fault_around": 0, "prefetch": {"enabled": True, "chunk": 64 * 1024,
+                                                                 "max_inflight": 256 * 1024}})
+
+
 async def test_demand_faults_are_served_ahead_of_queued_background_work(
         tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(BUILTIN_SOURCES, "slowprefetch", "tests.test_prefetch:SlowPrefetchSource")
-    cfg = make_config(tmp_path, snapshot_4k, sources={"default": {"kind": "slowprefetch", "path": str(snapshot_4k)}},
-                      session={"fault_around": 0, "prefetch": {"enabled": True, "chunk": 64 * 1024,
-                                                                "max_inflight": 256 * 1024}})
+    cfg = slow_prefetch_config(tmp_path, snapshot_4k, monkeypatch)
     async with running_daemon(cfg, snapshot_4k) as d:
         # 4096 pages; background work at 4 chunks of 16 pages per 0.5 s would need ~30 s.
         vmm = d.start_vmm(region_sizes=[16 * MIB], threads=4, timeout=20)
@@ -251,10 +257,7 @@ async def test_pages_in_flight_are_counted_as_they_go_for_the_metrics(
         tmp_path: Path, snapshot_4k: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The uffdd_pages_inflight gauge comes from the fillers' own counts, not a scan of every
     page's state per scrape: four slow background runs of 16 pages show as 64, then 0."""
-    monkeypatch.setitem(BUILTIN_SOURCES, "slowprefetch", "tests.test_prefetch:SlowPrefetchSource")
-    cfg = make_config(tmp_path, snapshot_4k, sources={"default": {"kind": "slowprefetch", "path": str(snapshot_4k)}},
-                      session={"fault_around": 0, "prefetch": {"enabled": True, "chunk": 64 * 1024,
-                                                                "max_inflight": 256 * 1024}})
+    cfg = slow_prefetch_config(tmp_path, snapshot_4k, monkeypatch)
     async with running_daemon(cfg, snapshot_4k) as d:
         vmm = d.start_vmm(region_sizes=[1 * MIB], touch_fraction=0, wait_complete=30)
         session = await d.session()
