@@ -27,7 +27,7 @@ import structlog
 
 from uffdd.errors import GuestMemoryGone, SourceError, SourceUnavailable
 from uffdd.peer import protocol as p
-from uffdd.peer.client.connection import ClientConnection, Request, Requests
+from uffdd.peer.client.connection import ClientConnection, LinkConnection, Request, Requests
 from uffdd.peer.native import module as _native
 
 log = structlog.get_logger("uffdd.peer")
@@ -47,27 +47,14 @@ def direct_available() -> bool:
     return _native is not None
 
 
-class NativeBulkConnection:
+class NativeBulkConnection(LinkConnection):
     """One connection of the direct bulk channel: its socket belongs to the C link's thread."""
 
     def __init__(self, channel: Requests, conn: ClientConnection, welcome: p.Welcome, bulk: Any) -> None:
-        assert conn.transport is not None
-        self.channel = channel
+        super().__init__(channel, conn)
         self.bulk = bulk
-        self.epoch = conn.epoch
-        self.loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[str] = self.loop.create_future()
-        self.close_reason = "closed"
-        self.ready = True
-        self._dead = False
-        fd = os.dup(conn.transport.get_extra_info("socket").fileno())
-        os.set_blocking(fd, False)
-        opener, sealer = conn.reader.opener, conn.sealer
-        conn.hand_over()
         cfg = channel.opts.config
-        bulk.attach(fd, sealer.key if sealer else None, opener.key if opener else None,
-                    sealer.seq if sealer else 0, opener.seq if opener else 0, welcome.max_blocks,
-                    welcome.max_inflight, cfg.keepalive, cfg.io_timeout)
+        bulk.attach(*conn.hand_over(), welcome.max_blocks, welcome.max_inflight, cfg.keepalive, cfg.io_timeout)
         self.thread = threading.Thread(target=self._run, name=f"uffdd-bulk-{channel.name}", daemon=True)
         self.thread.start()
 

@@ -76,6 +76,19 @@ class Requests(Protocol):
     def on_request_error(self, req: Request, code: p.ErrorCode | None, msg: str) -> None: ...
 
 
+class LinkConnection:
+    """What a connection run by a C link after its handshake (urgent or bulk) starts with."""
+
+    def __init__(self, channel: Requests, conn: ClientConnection) -> None:
+        self.channel = channel
+        self.epoch = conn.epoch
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[str] = self.loop.create_future()
+        self.close_reason = "closed"
+        self.ready = True
+        self._dead = False
+
+
 class ClientConnection(asyncio.BufferedProtocol):
     """One TCP (or TLS) connection of a channel; dies with its socket, never reused."""
 
@@ -191,9 +204,17 @@ class ClientConnection(asyncio.BufferedProtocol):
         if not self.closed.done():
             self.closed.set_result(self.close_reason)
 
-    def hand_over(self) -> None:
-        """The socket goes on under other management (a duplicate of its fd, :mod:`.native`): stop
-        reading it and let go of our copy, without a word on it and without reporting a loss."""
+    def hand_over(self) -> tuple[int, bytes | None, bytes | None, int, int]:
+        """The socket goes on under other management (a C link, :mod:`.native`): stop reading it
+        and let go of our copy, without a word on it and without reporting a loss. Returns a
+        non-blocking duplicate of its fd, then the frame keys and sequence numbers the link goes
+        on with: sending key, receiving key, next sent, next received."""
+        assert self.transport is not None
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        os.set_blocking(fd, False)
+        opener, sealer = self.reader.opener, self.sealer
+        keys = (sealer.key if sealer else None, opener.key if opener else None,
+                sealer.seq if sealer else 0, opener.seq if opener else 0)
         self._dead = True
         self.close_reason = "handed over"
         if self._ka is not None:
@@ -204,6 +225,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if t is not None:
             t.pause_reading()
             t.abort()
+        return (fd, *keys)
 
     def discard(self, req_id: int) -> None:
         """Nobody waits for ``req_id`` any more (its bytes are dropped when they come: the

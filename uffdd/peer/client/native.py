@@ -9,8 +9,6 @@ the connection. TLS connections stay in Python (Python's ssl owns their bytes).
 
 from __future__ import annotations
 
-import asyncio
-import os
 import time
 from typing import Any
 
@@ -18,7 +16,14 @@ import structlog
 
 from uffdd.peer import protocol as p
 from uffdd.peer.client.bulk import NativeBulkConnection
-from uffdd.peer.client.connection import MAX_CLIENT_BLOCKS, ClientConnection, Connection, Request, Requests
+from uffdd.peer.client.connection import (
+    MAX_CLIENT_BLOCKS,
+    ClientConnection,
+    Connection,
+    LinkConnection,
+    Request,
+    Requests,
+)
 from uffdd.peer.native import module as _native
 
 log = structlog.get_logger("uffdd.peer")
@@ -36,30 +41,16 @@ def take_over(channel: Requests, conn: ClientConnection, welcome: p.Welcome, lin
     return NativeConnection(channel, conn, welcome, link)
 
 
-class NativeConnection:
+class NativeConnection(LinkConnection):
     """One connection of a channel, run by the channel's C link (see the module docstring)."""
 
     def __init__(self, channel: Requests, conn: ClientConnection, welcome: p.Welcome, link: Any) -> None:
-        assert conn.transport is not None
-        self.channel = channel
+        super().__init__(channel, conn)
         self.link = link
-        self.epoch = conn.epoch
-        self.loop = asyncio.get_running_loop()
-        self.closed: asyncio.Future[str] = self.loop.create_future()
-        self.close_reason = "closed"
-        self.ready = True
-        self._dead = False
         self._ping = 0
         self._writing = False
-        sock = conn.transport.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
-        os.set_blocking(fd, False)
-        opener = conn.reader.opener
-        sealer = conn.sealer
-        conn.hand_over()  # the asyncio transport lets go of its copy without a word
-        link.attach(fd, sealer.key if sealer else None, opener.key if opener else None,
-                    sealer.seq if sealer else 0, opener.seq if opener else 0,
-                    min(welcome.max_blocks, MAX_CLIENT_BLOCKS), welcome.max_inflight)
+        fd, *keys = conn.hand_over()  # the asyncio transport lets go of its copy without a word
+        link.attach(fd, *keys, min(welcome.max_blocks, MAX_CLIENT_BLOCKS), welcome.max_inflight)
         self.fd = fd
         self.loop.add_reader(fd, self._on_readable)
         self._flush()

@@ -56,8 +56,8 @@ def frame_tag(key: bytes, seq: int, *parts: bytes | bytearray | memoryview,
     return (aead or ChaCha20Poly1305(key)).encrypt(nonce, b"", b"".join(parts))
 
 
-class Sealer:
-    """Tags the frames one end sends on one connection, numbering them from 0."""
+class _Keyed:
+    """One direction of one connection: its key and the number of the next frame."""
 
     __slots__ = ("_aead", "key", "seq")
 
@@ -67,6 +67,12 @@ class Sealer:
         self.key = key
         self.seq = 0
         self._aead = ChaCha20Poly1305(key)
+
+
+class Sealer(_Keyed):
+    """Tags the frames one end sends on one connection, numbering them from 0."""
+
+    __slots__ = ()
 
     def tag(self, *parts: bytes | bytearray | memoryview) -> bytes:
         tag = frame_tag(self.key, self.seq, *parts, aead=self._aead)
@@ -74,17 +80,10 @@ class Sealer:
         return tag
 
 
-class Opener:
+class Opener(_Keyed):
     """Checks the tags of the frames one end receives on one connection, in order."""
 
-    __slots__ = ("_aead", "key", "seq")
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) != KEY_SIZE:
-            raise ValueError(f"a frame key has {KEY_SIZE} bytes")
-        self.key = key
-        self.seq = 0
-        self._aead = ChaCha20Poly1305(key)
+    __slots__ = ()
 
     def check(self, tag: bytes | bytearray | memoryview, *parts: bytes | bytearray | memoryview) -> bool:
         """Whether ``tag`` is the right one for the next frame; the count moves on either way."""
