@@ -60,34 +60,6 @@ static int guard_install(void)
 	return 0;
 }
 
-/* memcpy (src != NULL) or zero (src == NULL) n bytes into dst; 0, or -1 if dst faulted. The
- * handler must have been installed (guard_install). */
-__attribute__((unused)) static int guarded_copy(void *dst, const void *src, size_t n)
-{
-	sigjmp_buf jb;
-	volatile int failed = 0;
-
-	if (sigsetjmp(jb, 0) == 0) {
-		guard_lo = (uintptr_t)dst;
-		guard_hi = (uintptr_t)dst + n;
-		guard_jump = &jb;
-		if (src)
-			memcpy(dst, src, n);
-		else
-			memset(dst, 0, n);
-	} else {
-		sigset_t set;
-		failed = 1;
-		/* The handler's mask (SIGBUS blocked) is still in force after the jump: lift it. */
-		sigemptyset(&set);
-		sigaddset(&set, SIGBUS);
-		pthread_sigmask(SIG_UNBLOCK, &set, NULL);
-	}
-	guard_jump = NULL;
-	guard_lo = guard_hi = 0;
-	return failed ? -1 : 0;
-}
-
 /* Run fn(arg), which reads or writes guest memory in [lo, hi) only there; 0, or -1 if that memory
  * faulted (fn was cut short: whatever it computed is void). */
 __attribute__((unused)) static int guarded_call(void (*fn)(void *), void *arg, const void *lo, size_t n)
@@ -103,6 +75,7 @@ __attribute__((unused)) static int guarded_call(void (*fn)(void *), void *arg, c
 	} else {
 		sigset_t set;
 		failed = 1;
+		/* The handler's mask (SIGBUS blocked) is still in force after the jump: lift it. */
 		sigemptyset(&set);
 		sigaddset(&set, SIGBUS);
 		pthread_sigmask(SIG_UNBLOCK, &set, NULL);
@@ -110,6 +83,31 @@ __attribute__((unused)) static int guarded_call(void (*fn)(void *), void *arg, c
 	guard_jump = NULL;
 	guard_lo = guard_hi = 0;
 	return failed ? -1 : 0;
+}
+
+struct guard_copy_args {
+	void *dst;
+	const void *src;
+	size_t n;
+};
+
+__attribute__((unused)) static void guard_do_copy(void *arg)
+{
+	struct guard_copy_args *a = arg;
+
+	if (a->src)
+		memcpy(a->dst, a->src, a->n);
+	else
+		memset(a->dst, 0, a->n);
+}
+
+/* memcpy (src != NULL) or zero (src == NULL) n bytes into dst; 0, or -1 if dst faulted. The
+ * handler must have been installed (guard_install). */
+__attribute__((unused)) static int guarded_copy(void *dst, const void *src, size_t n)
+{
+	struct guard_copy_args a = { dst, src, n };
+
+	return guarded_call(guard_do_copy, &a, dst, n);
 }
 
 #endif
