@@ -23,6 +23,7 @@ from tests.supervisor import Supervisor
 from tests.test_restart import assert_guest_whole, log_events, start_guest, supervised
 from uffdd.service import systemd
 from uffdd.testing import VmmProcess, VmmSpec
+from uffdd.testing.waiting import wait_until
 
 MIB = 1 << 20
 
@@ -214,3 +215,68 @@ def test_supervisor_passes_stored_fds_from_3_with_names_and_listen_pid_of_the_se
         doc = json.loads(out.read_text())
         assert doc == {"pid": sup.main_pid, "fds": [[3, "pipe"]], "env": False}
         assert sup.exits[0].returncode == 3
+
+
+_MDWE = """\
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3)
+    sys.exit(f"PR_SET_MDWE failed: errno {ctypes.get_errno()}")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def _mdwe_wrapper(tmp_path: Path) -> list[str]:
+    """A command prefix that runs its command with writable+executable memory refused, as
+    MemoryDenyWriteExecute=yes does (the kernel keeps the setting across execve)."""
+    script = tmp_path / "mdwe.py"
+    script.write_text(_MDWE)
+    wrapper = [sys.executable, str(script)]
+    probe = subprocess.run([*wrapper, sys.executable, "-c",
+                            "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"],
+                           capture_output=True, text=True, timeout=30)
+    if "PR_SET_MDWE failed" in probe.stderr:
+        pytest.skip(f"the kernel has no PR_SET_MDWE (Linux 6.3+): {probe.stderr.strip()}")
+    assert "Permission denied" in probe.stderr, probe.stderr  # a W+X mapping is refused after exec
+    return wrapper
+
+
+@pytest.mark.timeout(120)
+def test_daemon_and_serve_restore_a_guest_with_writable_executable_memory_refused(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    """MemoryDenyWriteExecute=yes in the unit: nothing in the daemon (uvloop, the C fault path and
+    peer link, workers) nor in `uffdd serve` (its C responder) needs W+X memory."""
+    from uffdd.peer.testing import ServeProcess
+
+    wrapper = _mdwe_wrapper(tmp_path)
+    secret = tmp_path / "peer.secret"
+    secret.write_text("mdwe test secret: 8Kp#2wQ!vZ7@rL4&\n")
+    serve = ServeProcess(["--image", str(snapshot_4k), "--listen", "127.0.0.1:0", "--secret-file", str(secret)],
+                         tmp_path / "serve.log", wrapper=wrapper).start()
+    cfg = {"listen": str(tmp_path / "d.sock"), "workers": 2, "log": {"format": "json", "level": "info"},
+           "sources": {"default": {"kind": "peer", "address": f"127.0.0.1:{serve.address[1]}",
+                                   "secret_file": str(secret)}}}
+    (tmp_path / "uffdd.yaml").write_text(json.dumps(cfg))
+    with open(tmp_path / "daemon.log", "wb") as log_fh:
+        daemon = subprocess.Popen([*wrapper, sys.executable, "-m", "uffdd", "run", "-c", str(tmp_path / "uffdd.yaml")],
+                                  stdout=log_fh, stderr=subprocess.STDOUT)
+    vmm: VmmProcess | None = None
+    try:
+        wait_until(lambda: (tmp_path / "d.sock").exists() or daemon.poll() is not None, what="the daemon's socket")
+        assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
+        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "d.sock"), snapshot=str(snapshot_4k), region_sizes=[8 * MIB],
+                                 threads=2, vm_id="mdwe"))
+        res = vmm.result(90)
+        assert res["returncode"] == 0 and res["wrong_pages"] == 0 and res["pages_checked"] == res["pages"], res
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+    finally:
+        if vmm is not None:
+            vmm.kill()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        assert serve.stop() == 0
+    events = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines() if line.startswith("{")]
+    end = next(e for e in events if e.get("event") == "session_end")
+    assert end["pages_filled"] == end["pages_total"] == 2048
