@@ -3,6 +3,7 @@ can fail (VMM socket, control socket, metrics port) is tried before a stale file
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -122,3 +123,54 @@ def test_a_squatted_metrics_port_stops_start_up_before_any_stale_socket_is_repla
     assert res["wrong_pages"] == 0 and query(ctl, "ping")["pid"] == d.proc.pid
     assert _inodes(d.socket, ctl) != before
     d.stop()
+
+
+def _stale_socket(path: str) -> None:
+    """A socket file nobody listens on, as a daemon killed with SIGKILL leaves behind."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+
+
+@pytest.mark.timeout(90)
+def test_with_workers_a_second_daemon_refuses_to_start_and_the_first_serves_on(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
+    d = daemon_process(workers=2)
+    ctl = str(Path(d.socket).with_suffix(".ctl"))
+    wait_until(lambda: _answers(ctl) and all(_answers(str(tmp_path / f"d.{i}.ctl")) for i in range(2)),
+               what="the parent's and both workers' control sockets")
+    before = _inodes(d.socket, ctl)
+    guest = _guest(d, snapshot_4k, start_delay=1.0)
+    try:
+        second = _run(tmp_path / "uffdd.yaml")
+        assert second.returncode == 1, second.stderr
+        assert "is in use" in second.stderr and "refusing to start" in second.stderr
+        res = guest.result(60)
+    finally:
+        guest.kill()
+    assert res["wrong_pages"] == 0 and res["returncode"] == 0
+    assert _inodes(d.socket, ctl) == before and query(ctl, "ping")["pid"] == d.proc.pid
+    assert d.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_with_workers_a_taken_worker_metrics_port_stops_start_up_before_any_stale_socket_is_replaced(
+        snapshot_4k: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    sock, ctl = str(tmp_path / "d.sock"), str(tmp_path / "d.ctl")
+    _stale_socket(sock)
+    _stale_socket(ctl)
+    before = _inodes(sock, ctl)
+    cfg = {"listen": sock, "workers": 2, "metrics": {"listen": f"127.0.0.1:{port}"},
+           "sources": {"default": {"kind": "file", "path": str(snapshot_4k)}}}
+    (tmp_path / "uffdd.yaml").write_text(yaml.safe_dump(cfg))
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # already taken by someone else: just as good
+            squatter.bind(("127.0.0.1", port + 1))
+            squatter.listen(1)
+        second = _run(tmp_path / "uffdd.yaml")
+    assert second.returncode == 1, second.stderr
+    assert f"metrics.listen (worker 1): cannot bind 127.0.0.1:{port + 1}: Address already in use" in second.stderr
+    assert _inodes(sock, ctl) == before
+    assert sorted(os.listdir(tmp_path)) == ["d.ctl", "d.sock", "uffdd.yaml"]

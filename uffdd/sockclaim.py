@@ -85,6 +85,18 @@ def check_unix_path(path: str, *, key: str) -> None:
                        f"refusing to start and leaving it alone")
 
 
+def check_tcp_port(address: tuple[str, int], *, key: str) -> None:
+    """StartupError unless ``address`` can be bound now (tried and released at once)."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds it
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"{key}: cannot bind {host}:{port}: {exc.strerror or exc}") from None
+
+
 class UnixClaim:
     """A listening socket bound under a temporary name, waiting to be renamed over its path."""
 
