@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -28,9 +29,10 @@ _UCRED = struct.Struct("iII")  # pid, uid, gid
 
 
 def temporary_name(path: str) -> str:
-    """Where :func:`prepare_unix` binds before the rename (same directory, so rename is atomic)."""
+    """Where :func:`prepare_unix` binds before the rename: the same directory, so the rename is
+    atomic; a random part, so two instances never share it (not even pid 1 of two containers)."""
     p = Path(path)
-    return str(p.with_name(f".{p.name}.{os.getpid()}.new"))
+    return str(p.with_name(f".{p.name}.{secrets.token_hex(4)}.new"))
 
 
 def is_temporary_name(name: str, path: str) -> bool:
@@ -135,8 +137,6 @@ def prepare_unix(path: str, *, backlog: int, key: str) -> UnixClaim:
     temp = temporary_name(path)
     with _directory_locked(p.parent):
         check_unix_path(path, key=key)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)  # ours from an earlier run with the same pid (a container restart)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(temp)
