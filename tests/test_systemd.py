@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DaemonProcess
+from tests.sandbox import unit_sandbox
 from tests.supervisor import Supervisor
 from tests.test_restart import assert_guest_whole, log_events, start_guest, supervised
 from uffdd.service import systemd
@@ -217,40 +218,32 @@ def test_supervisor_passes_stored_fds_from_3_with_names_and_listen_pid_of_the_se
         assert sup.exits[0].returncode == 3
 
 
-_MDWE = """\
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3)
-    sys.exit(f"PR_SET_MDWE failed: errno {ctypes.get_errno()}")
-os.execv(sys.argv[1], sys.argv[1:])
-"""
-
-
-def _mdwe_wrapper(tmp_path: Path) -> list[str]:
-    """A command prefix that runs its command with writable+executable memory refused, as
-    MemoryDenyWriteExecute=yes does (the kernel keeps the setting across execve)."""
-    script = tmp_path / "mdwe.py"
-    script.write_text(_MDWE)
-    wrapper = [sys.executable, str(script)]
-    probe = subprocess.run([*wrapper, sys.executable, "-c",
-                            "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"],
-                           capture_output=True, text=True, timeout=30)
-    if "PR_SET_MDWE failed" in probe.stderr:
-        pytest.skip(f"the kernel has no PR_SET_MDWE (Linux 6.3+): {probe.stderr.strip()}")
-    assert "Permission denied" in probe.stderr, probe.stderr  # a W+X mapping is refused after exec
-    return wrapper
+def test_the_unit_sandbox_refuses_what_it_should(tmp_path: Path) -> None:
+    """The wrapper the next test runs under really is in force after exec."""
+    sandbox = unit_sandbox(tmp_path)
+    probe = ("import mmap, os\n"
+             "try:\n    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+             "except PermissionError:\n    print('wx refused')\n"
+             "try:\n    os.setuid(0)\n"
+             "except PermissionError:\n    print('setuid refused')\n"
+             "os.sched_setaffinity(0, os.sched_getaffinity(0))\n"
+             "os.setpriority(os.PRIO_PROCESS, 0, 1)\n"
+             "print('affinity and priority allowed')\n")
+    res = subprocess.run([*sandbox, sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert res.stdout.split("\n")[:3] == ["wx refused", "setuid refused", "affinity and priority allowed"], res.stderr
 
 
 @pytest.mark.timeout(120)
-def test_daemon_and_serve_restore_a_guest_with_writable_executable_memory_refused(
+def test_daemon_and_serve_restore_a_guest_under_the_units_memory_and_syscall_sandbox(
         tmp_path: Path, snapshot_4k: Path) -> None:
-    """MemoryDenyWriteExecute=yes in the unit: nothing in the daemon (uvloop, the C fault path and
-    peer link, workers) nor in `uffdd serve` (its C responder) needs W+X memory."""
+    """MemoryDenyWriteExecute=yes and the unit's SystemCallFilter=: nothing in the daemon (uvloop,
+    the C fault path and peer link, pinned workers, bulk threads at a lower priority) nor in
+    `uffdd serve` (its C responder) needs W+X memory or a syscall the unit refuses."""
     from uffdd.peer.testing import ServeProcess
 
-    wrapper = _mdwe_wrapper(tmp_path)
+    wrapper = unit_sandbox(tmp_path)
     secret = tmp_path / "peer.secret"
-    secret.write_text("mdwe test secret: 8Kp#2wQ!vZ7@rL4&\n")
+    secret.write_text("sandbox test secret: 8Kp#2wQ!vZ7@rL4&\n")
     serve = ServeProcess(["--image", str(snapshot_4k), "--listen", "127.0.0.1:0", "--secret-file", str(secret)],
                          tmp_path / "serve.log", wrapper=wrapper).start()
     cfg = {"listen": str(tmp_path / "d.sock"), "workers": 2, "log": {"format": "json", "level": "info"},
@@ -265,7 +258,7 @@ def test_daemon_and_serve_restore_a_guest_with_writable_executable_memory_refuse
         wait_until(lambda: (tmp_path / "d.sock").exists() or daemon.poll() is not None, what="the daemon's socket")
         assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
         vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "d.sock"), snapshot=str(snapshot_4k), region_sizes=[8 * MIB],
-                                 threads=2, vm_id="mdwe"))
+                                 threads=2, vm_id="sandboxed"))
         res = vmm.result(90)
         assert res["returncode"] == 0 and res["wrong_pages"] == 0 and res["pages_checked"] == res["pages"], res
         daemon.send_signal(signal.SIGTERM)
@@ -280,3 +273,5 @@ def test_daemon_and_serve_restore_a_guest_with_writable_executable_memory_refuse
     events = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines() if line.startswith("{")]
     end = next(e for e in events if e.get("event") == "session_end")
     assert end["pages_filled"] == end["pages_total"] == 2048
+    assert not [e for e in events if e.get("level") in ("warning", "error")], events  # e.g. worker_not_pinned
+    assert not [e for e in serve.log_lines() if e.get("level") == "error"]
