@@ -151,6 +151,8 @@ def test_with_workers_a_second_daemon_refuses_to_start_and_the_first_serves_on(
     assert res["wrong_pages"] == 0 and res["returncode"] == 0
     assert _inodes(d.socket, ctl) == before and query(ctl, "ping")["pid"] == d.proc.pid
     assert d.stop() == 0
+    # The workers know the socket they inherit as listen, though it was bound under another name.
+    assert not [e for e in d.log_lines() if e["event"] == "socket_activated"]
 
 
 @pytest.mark.timeout(60)

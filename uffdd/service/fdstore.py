@@ -221,6 +221,8 @@ def listening_socket(inherited: Inherited, listen: str, store: FdStore) -> tuple
             os.close(extra.fd)
         sock = socket.socket(fileno=first.fd)
         name = sock.getsockname()
+        if isinstance(name, str) and is_temporary_name(name, listen):
+            name = listen  # our parent's (a worker's listen fd), bound then renamed over listen
         if name != listen:
             log.info("socket_activated", socket=name, configured=listen,
                      hint="the socket unit's path is used; listen: in the config is ignored")
