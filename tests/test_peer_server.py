@@ -218,7 +218,7 @@ async def test_silent_client_is_dropped_after_the_handshake_timeout(snapshot_4k:
 
 async def test_authenticated_connections_past_the_limit_are_refused_busy_when_they_authenticate(
         snapshot_4k: Path) -> None:
-    async with serving(snapshot_4k, ServeLimits(max_connections=2), native=False) as server:
+    async with serving(snapshot_4k, ServeLimits(max_connections=2)) as server:
         held = [await raw_client(server) for _ in range(2)]
         idle, idle_w = await raw_client(server, handshake=False)  # not refused: it is not authenticated
         r, w = await asyncio.open_connection(*server.address)
@@ -252,6 +252,16 @@ async def test_idle_unauthenticated_connections_cannot_keep_an_authenticated_cli
         assert not said_hello.at_eof() and server.admission.refused == {"BUSY": 3}
         for _, cw in [*more, *silent, (said_hello, hello_writer), (None, w)]:
             cw.close()
+
+
+async def test_connections_dropped_to_make_room_never_count_against_authenticated_ones(snapshot_4k: Path) -> None:
+    """Right after a burst of drops (their transports still closing) the authenticated slots are all free."""
+    async with serving(snapshot_4k, ServeLimits(max_connections=2, max_unauthenticated=4)) as server:
+        burst = [await raw_client(server, handshake=False) for _ in range(40)]
+        welcomed = [await raw_client(server) for _ in range(2)]  # raw_client asserts WELCOME
+        assert len(server.admission.authenticated) == 2 and server.admission.refused == {"BUSY": 37}
+        for _, w in [*burst, *welcomed]:
+            w.close()
 
 
 async def test_small_requests_overtake_a_large_one_on_the_same_connection(snapshot_4k: Path, native: bool) -> None:

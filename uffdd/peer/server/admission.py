@@ -45,6 +45,8 @@ class Admission:
         self.interval = interval
         self.pending: dict[Pending, None] = {}
         """Connections that have not authenticated yet, oldest first."""
+        self.authenticated: set[Pending] = set()
+        """Connections welcomed and not gone yet (dropping ones included until they are gone)."""
         self.refused: dict[str, int] = {}
         """Refusals by reason (an ErrorCode name) since the last summary line."""
         self.refused_total = 0
@@ -60,16 +62,18 @@ class Admission:
                 "the oldest are dropped"))
         self.pending[conn] = None
 
-    def authenticate(self, conn: Pending, connections: int) -> None:
-        """``conn`` proved itself; ``connections`` is how many the server holds (``conn`` included).
-        Raises BUSY if the authenticated ones are at their limit."""
+    def authenticate(self, conn: Pending) -> None:
+        """``conn`` proved itself: it counts against ``max_connections`` from now on. Raises BUSY
+        (and forgets it) if the authenticated ones are at their limit."""
         self.pending.pop(conn, None)
-        authenticated = connections - len(self.pending) - 1
-        if authenticated >= self.limits.max_connections:
+        if len(self.authenticated) >= self.limits.max_connections:
             raise p.ProtocolError(p.ErrorCode.BUSY, f"too many connections (limit {self.limits.max_connections})")
+        self.authenticated.add(conn)
 
     def gone(self, conn: Pending) -> None:
+        """``conn`` is closed (or closing as refused): it counts no more."""
         self.pending.pop(conn, None)
+        self.authenticated.discard(conn)
 
     def note_refused(self, reason: str) -> None:
         """Count one refused (or dropped unauthenticated) connection for the next summary line."""

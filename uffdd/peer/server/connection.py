@@ -285,7 +285,7 @@ class ServerConnection(asyncio.Protocol):
         if image is None:
             known = ", ".join(sorted(self.server.images)) or "none"
             raise p.ProtocolError(p.ErrorCode.NO_SUCH_IMAGE, f"no image {self.image_name!r} here (serving: {known})")
-        self.server.admission.authenticate(self, len(self.server.connections))
+        self.server.admission.authenticate(self)
         self.image = image
         self.state = _READY
         self.server.stats.handshakes_ok += 1
@@ -326,6 +326,7 @@ class ServerConnection(asyncio.Protocol):
         """The responder closed the connection: it is gone from the server's books."""
         self.state = _CLOSING
         self.server.connections.discard(self)
+        self.server.admission.gone(self)
         self._log.debug("peer_disconnected")
 
     def abort(self) -> None:
