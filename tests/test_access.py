@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,3 +112,24 @@ def test_access_rules_are_validated_with_the_key_named(access: dict[str, Any], m
     with pytest.raises(ConfigError) as info:
         parse_config({"access": access}, "uffdd.yaml")
     assert str(info.value).startswith("uffdd.yaml: ") and message in str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_a_reloaded_policy_applies_to_the_next_handshakes(shared_dir: Path) -> None:
+    snapshot = shared_dir / "guest.mem"
+    make_snapshot(snapshot, 4 * MIB, seed=6)
+    snapshot.chmod(0o644)
+    daemon = _start_daemon(shared_dir, snapshot)
+    try:
+        refused = _vmm(shared_dir, snapshot, "late-1", (NOBODY, NOBODY)).result(60)
+        assert "no access rule matches vm_id 'late-1'" in str(refused["error"])
+        cfg = yaml.safe_load((shared_dir / "uffdd.yaml").read_text())
+        cfg["access"]["rules"].append({"vm_id": "late-*", "gids": [NOBODY]})
+        (shared_dir / "uffdd.yaml").write_text(yaml.safe_dump(cfg))
+        daemon.send_signal(signal.SIGHUP)
+        wait_until(lambda: any(e["event"] == "reloaded" for e in _log(shared_dir)), what="the reload")
+        served = _vmm(shared_dir, snapshot, "late-1", (NOBODY, NOBODY)).result(60)
+        assert served["wrong_pages"] == 0 and served["returncode"] == 0, served
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
