@@ -216,12 +216,51 @@ async def test_silent_client_is_dropped_after_the_handshake_timeout(snapshot_4k:
         assert "handshake" in msg
 
 
-async def test_connections_past_the_limit_are_refused_busy(snapshot_4k: Path) -> None:
+async def test_authenticated_connections_past_the_limit_are_refused_busy_when_they_authenticate(
+        snapshot_4k: Path) -> None:
     async with serving(snapshot_4k, ServeLimits(max_connections=2)) as server:
         held = [await raw_client(server) for _ in range(2)]
-        r, _ = await raw_client(server, handshake=False)
-        await expect_dropped(r, p.ErrorCode.BUSY)
-        for _, w in held:
+        idle, idle_w = await raw_client(server, handshake=False)  # not refused: it is not authenticated
+        r, w = await asyncio.open_connection(*server.address)
+        hello = p.Hello(p.Role.URGENT, 0, os.urandom(32), "default").encode()
+        w.write(p.encode_frame(p.FrameType.HELLO, hello))
+        assert (await read_frame(r))[0] is p.FrameType.CHALLENGE
+        w.write(p.encode_frame(p.FrameType.AUTH, p.NO_PROOF))
+        assert "limit 2" in await expect_dropped(r, p.ErrorCode.BUSY)
+        for _, hw in held:
+            hw.close()
+        await eventually(lambda: len(server.connections) == 1, what="the held connections closed")
+        await raw_client(server)  # room again
+        assert not idle.at_eof()
+        idle_w.close()
+
+
+async def test_idle_unauthenticated_connections_cannot_keep_an_authenticated_client_out(snapshot_4k: Path) -> None:
+    """Past max_unauthenticated the oldest of them (first those that never sent HELLO) make room."""
+    async with serving(snapshot_4k, ServeLimits(max_unauthenticated=4), secret=SECRET) as server:
+        silent = [await raw_client(server, handshake=False) for _ in range(3)]
+        said_hello, hello_writer = await asyncio.open_connection(*server.address)
+        hello_writer.write(p.encode_frame(p.FrameType.HELLO, p.Hello(p.Role.URGENT, 0, os.urandom(32),
+                                                                     "default").encode()))
+        assert (await read_frame(said_hello))[0] is p.FrameType.CHALLENGE
+        more = [await raw_client(server, handshake=False) for _ in range(2)]
+        for r, _ in silent[:2]:
+            await expect_dropped(r, p.ErrorCode.BUSY)
+        _, w = await raw_client(server, secret=SECRET)  # drops the third silent one, then is welcomed
+        await expect_dropped(silent[2][0], p.ErrorCode.BUSY)
+        assert server.stats.handshakes_ok == 1
+        assert not said_hello.at_eof() and server.admission.refused == {"BUSY": 3}
+        for _, cw in [*more, *silent, (said_hello, hello_writer), (None, w)]:
+            cw.close()
+
+
+async def test_connections_dropped_to_make_room_never_count_against_authenticated_ones(snapshot_4k: Path) -> None:
+    """Right after a burst of drops (their transports still closing) the authenticated slots are all free."""
+    async with serving(snapshot_4k, ServeLimits(max_connections=2, max_unauthenticated=4)) as server:
+        burst = [await raw_client(server, handshake=False) for _ in range(40)]
+        welcomed = [await raw_client(server) for _ in range(2)]  # raw_client asserts WELCOME
+        assert len(server.admission.authenticated) == 2 and server.admission.refused == {"BUSY": 37}
+        for _, w in [*burst, *welcomed]:
             w.close()
 
 

@@ -146,6 +146,23 @@ def test_systemd_analyze_verify_passes_on_the_units() -> None:
                          env={**os.environ, "UFFDD_BIN": str(Path(sys.executable).parent / "uffdd")})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "verify: ok" in res.stdout
+    assert "uffdd.service exposure" in res.stdout  # `systemd-analyze security` at most 1.5
+
+
+def test_unit_limits_restarts_tasks_and_memory_and_denies_writable_code() -> None:
+    unit = _unit("uffdd.service")
+    start = {k: v[-1] for k, v in unit["Unit"].items()}
+    assert start["StartLimitIntervalSec"] and int(start["StartLimitBurst"]) >= 5  # in [Unit]: [Service] ignores them
+    svc = unit["Service"]
+    one = {k: v[-1] for k, v in svc.items()}
+    assert int(one["TasksMax"]) > 0
+    # Guest memory uffdd fills into memfds is charged to its cgroup: no cap sized for the daemon alone.
+    assert one["MemoryHigh"] == "infinity" and one["MemoryMax"].endswith("%")
+    assert int(one["OOMScoreAdjust"]) < 0
+    assert one["MemoryDenyWriteExecute"] == "yes" and one["PrivateMounts"] == "yes"
+    assert svc["SystemCallFilter"] == ["@system-service userfaultfd", "~@privileged @resources",
+                                       "sched_setaffinity setpriority"]
+    assert "PrivateUsers" not in one  # SO_PEERCRED must show the VMMs' real uids for access: rules
 
 
 def test_the_wheel_the_image_installs_carries_the_c_fast_path(tmp_path: Path) -> None:

@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DaemonProcess
+from tests.sandbox import unit_sandbox
 from tests.supervisor import Supervisor
 from tests.test_restart import assert_guest_whole, log_events, start_guest, supervised
 from uffdd.service import systemd
 from uffdd.testing import VmmProcess, VmmSpec
+from uffdd.testing.waiting import wait_until
 
 MIB = 1 << 20
 
@@ -214,3 +216,62 @@ def test_supervisor_passes_stored_fds_from_3_with_names_and_listen_pid_of_the_se
         doc = json.loads(out.read_text())
         assert doc == {"pid": sup.main_pid, "fds": [[3, "pipe"]], "env": False}
         assert sup.exits[0].returncode == 3
+
+
+def test_the_unit_sandbox_refuses_what_it_should(tmp_path: Path) -> None:
+    """The wrapper the next test runs under really is in force after exec."""
+    sandbox = unit_sandbox(tmp_path)
+    probe = ("import mmap, os\n"
+             "try:\n    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+             "except PermissionError:\n    print('wx refused')\n"
+             "try:\n    os.setuid(0)\n"
+             "except PermissionError:\n    print('setuid refused')\n"
+             "os.sched_setaffinity(0, os.sched_getaffinity(0))\n"
+             "os.setpriority(os.PRIO_PROCESS, 0, 1)\n"
+             "print('affinity and priority allowed')\n")
+    res = subprocess.run([*sandbox, sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert res.stdout.split("\n")[:3] == ["wx refused", "setuid refused", "affinity and priority allowed"], res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_daemon_and_serve_restore_a_guest_under_the_units_memory_and_syscall_sandbox(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    """MemoryDenyWriteExecute=yes and the unit's SystemCallFilter=: nothing in the daemon (uvloop,
+    the C fault path and peer link, pinned workers, bulk threads at a lower priority) nor in
+    `uffdd serve` (its C responder) needs W+X memory or a syscall the unit refuses."""
+    from uffdd.peer.testing import ServeProcess
+
+    wrapper = unit_sandbox(tmp_path)
+    secret = tmp_path / "peer.secret"
+    secret.write_text("sandbox test secret: 8Kp#2wQ!vZ7@rL4&\n")
+    serve = ServeProcess(["--image", str(snapshot_4k), "--listen", "127.0.0.1:0", "--secret-file", str(secret)],
+                         tmp_path / "serve.log", wrapper=wrapper).start()
+    cfg = {"listen": str(tmp_path / "d.sock"), "workers": 2, "log": {"format": "json", "level": "info"},
+           "sources": {"default": {"kind": "peer", "address": f"127.0.0.1:{serve.address[1]}",
+                                   "secret_file": str(secret)}}}
+    (tmp_path / "uffdd.yaml").write_text(json.dumps(cfg))
+    with open(tmp_path / "daemon.log", "wb") as log_fh:
+        daemon = subprocess.Popen([*wrapper, sys.executable, "-m", "uffdd", "run", "-c", str(tmp_path / "uffdd.yaml")],
+                                  stdout=log_fh, stderr=subprocess.STDOUT)
+    vmm: VmmProcess | None = None
+    try:
+        wait_until(lambda: (tmp_path / "d.sock").exists() or daemon.poll() is not None, what="the daemon's socket")
+        assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
+        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "d.sock"), snapshot=str(snapshot_4k), region_sizes=[8 * MIB],
+                                 threads=2, vm_id="sandboxed"))
+        res = vmm.result(90)
+        assert res["returncode"] == 0 and res["wrong_pages"] == 0 and res["pages_checked"] == res["pages"], res
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+    finally:
+        if vmm is not None:
+            vmm.kill()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        assert serve.stop() == 0
+    events = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines() if line.startswith("{")]
+    end = next(e for e in events if e.get("event") == "session_end")
+    assert end["pages_filled"] == end["pages_total"] == 2048
+    assert not [e for e in events if e.get("level") in ("warning", "error")], events  # e.g. worker_not_pinned
+    assert not [e for e in serve.log_lines() if e.get("level") == "error"]

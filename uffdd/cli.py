@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from uffdd import __version__
-from uffdd.errors import ConfigError
+from uffdd.errors import ConfigError, StartupError
 
 
 def parse_size(text: str) -> int:
@@ -281,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"uffdd: config error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"uffdd: cannot start: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from uffdd.configbase import StrictModel, describe_validation_error, parse_hostport, read_yaml, validate
 from uffdd.errors import ConfigError
@@ -84,6 +84,49 @@ class ShutdownConfig(StrictModel):
     fd store at once and exit, for the next start to resume (needs FileDescriptorStoreMax=)."""
 
 
+UID_MAX = (1 << 32) - 2
+"""(uid_t)-1 means "no id" to the kernel; every other 32-bit value is a valid uid or gid."""
+
+
+class AccessRule(StrictModel):
+    """Processes that may claim the vm_ids matching ``vm_id``: by uid, or by gid (the primary
+    group or a supplementary one of the connecting process)."""
+
+    vm_id: str = Field(min_length=1, max_length=255)
+    """A glob (``*``, ``?``, ``[...]``, as fnmatch; case-sensitive): ``tenant-a-*``."""
+    uids: list[int] = Field(default_factory=list)
+    gids: list[int] = Field(default_factory=list)
+
+    @field_validator("uids", "gids")
+    @classmethod
+    def _ids_in_range(cls, value: list[int]) -> list[int]:
+        bad = [v for v in value if not 0 <= v <= UID_MAX]
+        if bad:
+            raise ValueError(f"{bad[0]} is not a uid/gid (expected 0..{UID_MAX})")
+        return value
+
+    @model_validator(mode="after")
+    def _someone(self) -> AccessRule:
+        if not self.uids and not self.gids:
+            raise ValueError(f"vm_id {self.vm_id!r}: give uids, gids or both (a rule must say who may claim it)")
+        return self
+
+
+class AccessConfig(StrictModel):
+    """Who may claim which guest: checked against the connecting VMM's SO_PEERCRED. Omitted: off
+    (anyone who can connect to ``listen`` may claim any vm_id)."""
+
+    rules: list[AccessRule]
+    """A handshake is served when at least one rule matches its vm_id and allows the process."""
+
+    @field_validator("rules")
+    @classmethod
+    def _not_empty(cls, value: list[AccessRule]) -> list[AccessRule]:
+        if not value:
+            raise ValueError("no rules: every VMM would be refused (omit `access` to turn the policy off)")
+        return value
+
+
 class Config(StrictModel):
     listen: str = "/run/uffdd/uffdd.sock"
     sources: dict[str, SourceConfig] = Field(default_factory=dict)
@@ -93,6 +136,8 @@ class Config(StrictModel):
     session: SessionConfig = SessionConfig()
     control: ControlConfig = ControlConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    access: AccessConfig | None = None
+    """Which uids/gids may claim which vm_ids (see AccessConfig); None: no such policy."""
     workers: int | Literal["auto"] = "auto"
     """Worker processes sharing the socket (uffdd.service.supervisor); "auto": one per CPU this
     process may run on (systemd's CPUAffinity= narrows it). 1: a single process, no parent."""

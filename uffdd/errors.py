@@ -2,6 +2,7 @@
 
     UffddError
     ├── ConfigError            a config file or option is wrong (names key and file)
+    ├── StartupError           a socket or port the daemon needs is held by a live process
     ├── HandshakeError         a VMM's handshake message is malformed (names the field)
     ├── SourceError            a page source could not deliver a page
     │   ├── SourceUnavailable  it cannot be opened / reached at all
@@ -24,6 +25,11 @@ class UffddError(Exception):
 
 class ConfigError(UffddError):
     """The configuration is invalid; the message names the file and the key."""
+
+
+class StartupError(UffddError):
+    """Start-up stopped before replacing anything: a socket path answers a connect() (another
+    instance is live) or a port cannot be bound. The message names the setting and the path."""
 
 
 class HandshakeError(UffddError):

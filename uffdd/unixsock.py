@@ -1,6 +1,6 @@
 """Unix sockets as every part of uffdd uses them.
 
-- binding a stream socket (a stale socket file is replaced, never another kind of file);
+- binding a stream socket (a stale socket file is replaced, never a live one: uffdd.sockclaim);
 - ancillary data: the fds (SCM_RIGHTS) and the sender's pid (SCM_CREDENTIALS) a message carried;
 - the VMM handshake: a JSON body that may span several reads, with its fds;
 - :class:`UnixServer`: each accepted connection in its own task of one ``asyncio.TaskGroup``.
@@ -17,16 +17,15 @@ import contextlib
 import json
 import os
 import socket
-import stat
 import struct
 from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from uffdd import handshake as hs_mod
-from uffdd.errors import ConfigError, HandshakeError
+from uffdd.errors import HandshakeError
+from uffdd.sockclaim import prepare_unix
 
 log = structlog.get_logger("uffdd.unixsock")
 
@@ -58,14 +57,6 @@ def parse_ancillary(anc: Iterable[tuple[int, int, bytes]]) -> tuple[list[int], i
     return fds, pid
 
 
-def peer_pid(conn: socket.socket) -> int:
-    """The connecting process's pid (SO_PEERCRED), 0 if the kernel cannot say."""
-    try:
-        return int(UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))[0])
-    except OSError:
-        return 0
-
-
 def close_fds(fds: Iterable[int]) -> None:
     """Close each fd, ignoring those already closed."""
     for fd in fds:
@@ -76,22 +67,9 @@ def close_fds(fds: Iterable[int]) -> None:
 # --- binding and waiting -----------------------------------------------------------------------
 
 def bind_unix(path: str, *, backlog: int, key: str) -> socket.socket:
-    """Bind and listen on ``path``, replacing a stale socket file but never another kind of file
-    (``key`` names the config setting in the error)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(p.lstat().st_mode):
-            raise ConfigError(f"{key}: {p} exists and is not a socket; refusing to replace it")
-        p.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(str(p))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """Bind and listen on ``path``, replacing a stale socket file but never one a live process
+    answers on, nor another kind of file (``key`` names the config setting in the error)."""
+    return prepare_unix(path, backlog=backlog, key=key).commit()
 
 
 async def wait_readable(sock: socket.socket) -> None:

@@ -86,6 +86,8 @@ class Session:
         """The C fault path, when it serves this session (see :meth:`start`)."""
         self.fault_path = ""
         """Which fault path serves this session, chosen at start: "c" or "python"."""
+        self.peer: dict[str, int] = {}
+        """The VMM process as the kernel saw it (``peer_pid``, ``peer_uid``, ``peer_gid``), for the log."""
         self.started = False
         self._closed = False
         self._releasing: asyncio.Task[None] | None = None
@@ -140,7 +142,7 @@ class Session:
             bytes=self.handshake.total_bytes, source=self.source.describe(), preregistered=self.preinitialized,
             resumed=self.resumed, pages_filled=self.stats.pages_filled, memory=self.memory_kind,
             events=abi.feature_names(self.features & EVENTS), fault_around=self.filler.block_pages,
-            prefetch=self.config.prefetch.enabled, fault_path=self.fault_path)
+            prefetch=self.config.prefetch.enabled, fault_path=self.fault_path, **self.peer)
         if self.resumed:
             self._resume()
         loop.call_soon(self.faults.on_readable)  # faults may have queued before add_reader

@@ -213,7 +213,12 @@ class ServeLimits(StrictModel):
     max_inflight: int = Field(default=256, ge=1, le=65536)
     """READs one connection may have outstanding."""
     max_connections: int = Field(default=256, ge=1, le=65536)
+    """Authenticated connections at once; one more is refused (BUSY) when it authenticates."""
+    max_unauthenticated: int = Field(default=64, ge=1, le=65536)
+    """Connections still in the handshake at once; a new one past it drops the oldest of them,
+    so idle connections can never keep an authenticated destination out."""
     handshake_timeout: float = Field(default=5.0, gt=0, le=300)
+    """Seconds a connection has to authenticate (TLS handshake included) before it is dropped."""
     idle_timeout: float = Field(default=60.0, gt=0, le=86400)
     """A connection silent this long is closed (clients ping every second or so)."""
 

@@ -100,6 +100,10 @@ class ServeCollector(Collector):
         yield GaugeMetricFamily("uffdd_serve_connections_active", "Client connections open",
                                 value=len(self.server.connections))
         yield GaugeMetricFamily("uffdd_serve_images", "Images being served", value=len(self.server.images))
+        yield GaugeMetricFamily("uffdd_serve_connections_unauthenticated", "Client connections still in the handshake",
+                                value=len(self.server.admission.pending))
+        yield CounterMetricFamily("uffdd_serve_connections_refused", "Connections refused or dropped before they "
+                                  "authenticated (any reason)", value=self.server.admission.refused_total)
         for attr, doc in (("connections_total", "Client connections accepted"),
                           ("handshakes_ok", "Clients authenticated and welcomed"),
                           ("auth_failures", "Clients refused for a missing or wrong secret"),

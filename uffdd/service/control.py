@@ -34,9 +34,11 @@ class ControlServer:
         self.snapshot = snapshot
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
-        """Bind (a stale socket file left by a predecessor is replaced, never another file) and serve."""
-        sock = bind_unix(self.path, backlog=16, key="control.listen")
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on ``sock`` (bound at our path by the caller), else bind the path (a stale socket
+        file left by a predecessor is replaced, never a live one nor another kind of file)."""
+        if sock is None:
+            sock = bind_unix(self.path, backlog=16, key="control.listen")
         os.chmod(self.path, 0o660)
         self._server = await asyncio.start_unix_server(self._handle, sock=sock)
 

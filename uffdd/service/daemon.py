@@ -25,13 +25,14 @@ import structlog
 
 from uffdd import __version__, logs
 from uffdd.config import Config, load_config
-from uffdd.errors import ConfigError
+from uffdd.errors import ConfigError, StartupError
 from uffdd.service import systemd
 from uffdd.service.control import ControlServer
 from uffdd.service.fdstore import FdStore, listening_socket, sort_inherited
 from uffdd.service.listener import Listener
 from uffdd.service.manager import StatusCounts, StatusReporter, install_signals, start_watchdog
 from uffdd.service.metrics import make_registry
+from uffdd.sockclaim import Claims, prepare_unix
 
 log = structlog.get_logger("uffdd.daemon")
 
@@ -82,11 +83,10 @@ class Daemon:
     async def startup(self) -> None:
         """Everything up to READY=1; each part opened here is closed by the exit stack."""
         loop = asyncio.get_running_loop()
-        listener = await self._start_listener()
+        listener, control_sock = await self._start_listener()
         control = ControlServer(self.control_path, self.snapshot)
-        await control.start()
+        await control.start(control_sock)
         self._exit_stack.push_async_callback(control.close)
-        self._start_metrics(listener)
         self._exit_stack.callback(install_signals(loop, stop=self._on_stop_signal, reload=self._reload_requested.set))
         watchdog = start_watchdog(loop)
         if watchdog is not None:
@@ -100,13 +100,16 @@ class Daemon:
             log.info("fd_store_unavailable", hint="no service manager ($NOTIFY_SOCKET): sessions end with the daemon")
         self.status.send("READY=1", f"MAINPID={os.getpid()}")
 
-    async def _start_listener(self) -> Listener:
-        """Take the descriptors the manager passed, then listen (resuming stored sessions first)."""
+    async def _start_listener(self) -> tuple[Listener, socket.socket]:
+        """Take the descriptors the manager passed, claim our sockets and the metrics port, then
+        listen (resuming stored sessions first). Returns the listener and the control socket."""
         inherited = sort_inherited(systemd.listen_fds())
         inherited.close_unknown()
         self.store = FdStore()
         sock, owns_path = listening_socket(inherited, self.config.listen, self.store)
-        listener = self.listener = self.make_listener(sock, owns_path, self.store)
+        listener, control_sock = self._claim_sockets(sock, owns_path)
+        self.listener = listener
+        # Only now that the paths are ours may closing the listener remove its socket file.
         self._exit_stack.push_async_callback(listener.close)
         listener.on_change = self.status.soon
         if inherited.sessions:
@@ -114,15 +117,42 @@ class Daemon:
             log.info("resuming", sessions=sorted(inherited.sessions))
             await listener.resume(inherited)
         await listener.start()
-        return listener
+        return listener, control_sock
+
+    def _claim_sockets(self, sock: socket.socket | None, owns_path: bool) -> tuple[Listener, socket.socket]:
+        """Bind everything that can fail (the VMM socket unless inherited, the control socket, the
+        metrics port) before any stale socket file is replaced; a socket a live process answers
+        on stops start-up (StartupError) and is left alone."""
+        claims = Claims()
+        try:
+            fresh = sock is None
+            if sock is None:
+                sock = claims.add(prepare_unix(self.config.listen, backlog=128, key="listen"))
+            control_sock = claims.add(prepare_unix(self.control_path, backlog=16, key="control.listen"))
+            listener = self.make_listener(sock, owns_path, self.store)
+            self._start_metrics(listener)
+            claims.commit()
+        except BaseException:
+            claims.abort()
+            if sock is not None:
+                sock.close()  # an inherited socket: closed, its file untouched
+            raise
+        if fresh:
+            self.store.store_listener(sock.fileno())
+        return listener, control_sock
 
     def _start_metrics(self, listener: Listener) -> None:
+        """Serve metrics; StartupError (before anything is replaced) if the port cannot be bound."""
         address = self.config.metrics.address
         if address is None:
             return
         from prometheus_client import start_http_server
 
-        server, _ = start_http_server(address[1], addr=address[0], registry=make_registry(listener))
+        try:
+            server, _ = start_http_server(address[1], addr=address[0], registry=make_registry(listener))
+        except OSError as exc:
+            raise StartupError(f"metrics.listen: cannot bind {self.config.metrics.listen}: "
+                               f"{exc.strerror or exc}") from None
         self._exit_stack.callback(server.shutdown)
 
     def _on_stop_signal(self, signum: int) -> None:

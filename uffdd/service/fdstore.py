@@ -30,6 +30,7 @@ import structlog
 from uffdd import handshake as hs_mod
 from uffdd.errors import UffddError
 from uffdd.service import systemd
+from uffdd.sockclaim import is_temporary_name
 
 log = structlog.get_logger("uffdd.fdstore")
 
@@ -201,6 +202,8 @@ def listening_socket(inherited: Inherited, listen: str, store: FdStore) -> tuple
     if inherited.stored_listener is not None and not inherited.listeners:
         sock = socket.socket(fileno=inherited.stored_listener)
         path = sock.getsockname()
+        if isinstance(path, str) and is_temporary_name(path, listen):
+            path = listen  # bound under a temporary name, then renamed over listen (uffdd.sockclaim)
         if isinstance(path, str) and os.path.exists(path):
             return sock, True
         # Its file is gone (e.g. the runtime directory was removed): nobody could connect.
@@ -218,6 +221,8 @@ def listening_socket(inherited: Inherited, listen: str, store: FdStore) -> tuple
             os.close(extra.fd)
         sock = socket.socket(fileno=first.fd)
         name = sock.getsockname()
+        if isinstance(name, str) and is_temporary_name(name, listen):
+            name = listen  # our parent's (a worker's listen fd), bound then renamed over listen
         if name != listen:
             log.info("socket_activated", socket=name, configured=listen,
                      hint="the socket unit's path is used; listen: in the config is ignored")

@@ -22,6 +22,7 @@ from uffdd.core import PageStates, Session, SessionStats
 from uffdd.core.orphans import Orphans, vmm_pidfd
 from uffdd.errors import HandshakeError, SourceError, UffddError
 from uffdd.kernel import Userfaultfd
+from uffdd.service.access import PeerCred, check_access, peer_cred
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
 from uffdd.service.totals import Totals
 from uffdd.sources import PageSource, source_class
@@ -31,7 +32,6 @@ from uffdd.unixsock import (
     accept_connection,
     bind_unix,
     close_fds,
-    peer_pid,
     receive_handshake,
     send_line,
     until_eof,
@@ -160,11 +160,12 @@ class Listener:
 
     async def _serve_connection(self, conn: socket.socket) -> None:
         session_id = f"s{next(self._ids)}"
+        cred = peer_cred(conn)
         try:
-            session, uffd_fd = await self._handshake(conn, session_id)
+            session, uffd_fd = await self._handshake(conn, session_id, cred)
         except (UffddError, OSError) as exc:  # KernelError is an OSError: all get the error line
             self.handshakes_refused += 1
-            log.warning("handshake_refused", session=session_id, error=str(exc))
+            log.warning("handshake_refused", session=session_id, error=str(exc), **cred.fields())
             await send_line(conn, {"error": str(exc)})
             conn.close()
             return
@@ -177,14 +178,15 @@ class Listener:
         self._store(session, uffd_fd, conn, record)
         await self._run_session(session, conn, record)
 
-    async def _handshake(self, conn: socket.socket, session_id: str) -> tuple[Session, int]:
-        """Read and check the handshake, open its source, set up the session (and return it with
-        its userfaultfd); on error every received fd is closed."""
+    async def _handshake(self, conn: socket.socket, session_id: str, cred: PeerCred) -> tuple[Session, int]:
+        """Read and check the handshake (and whether ``cred`` may claim its vm_id), open its source,
+        set up the session (and return it with its userfaultfd); on error every received fd is closed."""
         fds: list[int] = []
         try:
             body, fds = await receive_handshake(
                 conn, max_bytes=self.config.handshake.max_bytes, timeout=self.config.handshake.timeout)
             hs = hs_mod.parse(body)
+            check_access(self.config.access, hs.vm_id, cred)
             if len(fds) not in (1, 2):
                 raise HandshakeError(
                     f"expected the file descriptors [uffd, memfd] (shared memory) or [uffd] "
@@ -194,6 +196,7 @@ class Listener:
                 session = Session.create(session_id=session_id, handshake=hs, uffd_fd=fds[0],
                                          memfd=fds[1] if len(fds) == 2 else None, source=source,
                                          config=self.config.session)
+                session.peer = cred.fields()
             except BaseException:
                 await source.aclose()
                 raise
@@ -231,7 +234,7 @@ class Listener:
                 record.update(handshake=s.current_handshake())  # a successor must see the new layout
 
         session.on_regions_changed = regions_changed
-        session.orphans, session.vmm_pidfd = self.orphans, vmm_pidfd(peer_pid(conn))
+        session.orphans, session.vmm_pidfd = self.orphans, vmm_pidfd(peer_cred(conn).pid)
         try:
             if not record.ready_sent:
                 # "ready" goes out before anything else can be sent; faults queue meanwhile.
@@ -343,6 +346,8 @@ class Listener:
             conn.detach()
             self._unresumable(sid, fds, f"cannot map the stored session: {exc}")
             return
+        with contextlib.suppress(OSError):
+            session.peer = peer_cred(conn).fields()
         self.sessions_resumed += 1
         slog.info("session_resumed", vm_id=hs.vm_id, pages_total=session.stats.pages_total)
         self.server.spawn(self._run_session, session, conn, record)

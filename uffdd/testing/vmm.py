@@ -96,6 +96,9 @@ class VmmSpec:
     shrink_after: float = -1.0
     """If >= 0: a hostile VMM. This many seconds after "ready" it truncates its memory file to
     nothing while the daemon is filling it, then listens as with ``listen_only`` (30 s)."""
+    connect_as: list[int] = field(default_factory=list)
+    """[uid, gid]: become that user (no supplementary groups) after creating the memory and the
+    userfaultfd, just before connecting: the daemon sees those ids in SO_PEERCRED."""
 
 
 def _addr(mm: mmap.mmap) -> int:
@@ -182,6 +185,10 @@ class _StandIn:
         """Connect, send the body (in pieces if asked) with the fds, read the daemon's answer."""
         spec = self.spec
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if spec.connect_as:
+            os.setgroups([])
+            os.setgid(spec.connect_as[1])
+            os.setuid(spec.connect_as[0])
         sock.connect(spec.socket)
         fds = array.array("i", [uffd.fileno(), *([] if spec.anonymous else [self.memfd]), *spec.extra_fds])
         body = self.body()

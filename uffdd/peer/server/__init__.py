@@ -13,6 +13,7 @@ import ssl
 from uffdd.peer import protocol as p
 from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
+from uffdd.peer.server.admission import Admission
 from uffdd.peer.server.connection import ServerConnection
 from uffdd.peer.server.stats import ServerStats
 
@@ -33,6 +34,8 @@ class PeerServer:
         self.native = native
         """Connections without TLS (or lz4) run in C (:mod:`.responder`) where it is built."""
         self.stats = ServerStats()
+        self.admission = Admission(self.limits)
+        """Unauthenticated connections apart from authenticated ones; refusals summed up in the log."""
         self.connections: set[ServerConnection] = set()
         self.last_urgent = 0.0
         """perf_counter() of the last urgent READ: bulk work steps aside for a moment after one."""
@@ -73,6 +76,7 @@ class PeerServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+        self.admission.close()
         for conn in list(self.connections):
             conn.flush_counts()
             conn.shutdown()

@@ -23,6 +23,7 @@ import structlog
 from uffdd.peer import protocol as p
 from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image, ImageError
+from uffdd.peer.server.admission import Admission
 from uffdd.peer.server.responder import NativeResponder, hand_over, note_urgent, responder_available, urgent_seen
 from uffdd.peer.server.stats import ServerStats
 
@@ -47,6 +48,7 @@ class Server(Protocol):
 
     limits: ServeLimits
     stats: ServerStats
+    admission: Admission
     connections: set[ServerConnection]
     images: dict[str, Image]
     secret: bytes | None
@@ -119,9 +121,7 @@ class ServerConnection(asyncio.Protocol):
         srv = self.server
         srv.stats.connections_total += 1
         srv.connections.add(self)
-        if len(srv.connections) > self.limits.max_connections:
-            self.fail(p.ProtocolError(p.ErrorCode.BUSY, f"too many connections (limit {self.limits.max_connections})"))
-            return
+        srv.admission.admit(self)  # may drop the oldest unauthenticated connection
         self._timer = self._loop.call_later(self.limits.handshake_timeout, self._handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -129,6 +129,7 @@ class ServerConnection(asyncio.Protocol):
             return  # the socket lives on in the responder
         self.state = _CLOSING
         self.server.connections.discard(self)
+        self.server.admission.gone(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._pump_task is not None:
@@ -176,12 +177,21 @@ class ServerConnection(asyncio.Protocol):
         if self.state == _CLOSING:
             return
         native = self.state == _NATIVE
+        unauthenticated = self.state in (_HELLO, _AUTH)
         self.state = _CLOSING
+        self.server.admission.gone(self)
         self.server.stats.count_error(exc.code)
         if exc.code in (p.ErrorCode.AUTH_FAILED, p.ErrorCode.AUTH_REQUIRED):
             self.server.stats.auth_failures += 1
-        level = self._log.info if exc.code in (p.ErrorCode.SHUTTING_DOWN, p.ErrorCode.TIMEOUT) else self._log.warning
-        level("peer_connection_dropped", code=exc.code.name, error=exc.message, image=self.image_name or None)
+        if unauthenticated and exc.code is not p.ErrorCode.SHUTTING_DOWN:
+            # Anyone can open connections: those refused before authenticating are summed up,
+            # one line per interval (uffdd.peer.server.admission), never one line each.
+            self.server.admission.note_refused(exc.code.name)
+            self._log.debug("peer_connection_refused", code=exc.code.name, error=exc.message)
+        else:
+            quiet = exc.code in (p.ErrorCode.SHUTTING_DOWN, p.ErrorCode.TIMEOUT)
+            (self._log.info if quiet else self._log.warning)(
+                "peer_connection_dropped", code=exc.code.name, error=exc.message, image=self.image_name or None)
         self.small.clear()
         self.large.clear()
         if self._pump_task is not None:
@@ -275,6 +285,7 @@ class ServerConnection(asyncio.Protocol):
         if image is None:
             known = ", ".join(sorted(self.server.images)) or "none"
             raise p.ProtocolError(p.ErrorCode.NO_SUCH_IMAGE, f"no image {self.image_name!r} here (serving: {known})")
+        self.server.admission.authenticate(self)
         self.image = image
         self.state = _READY
         self.server.stats.handshakes_ok += 1
@@ -306,10 +317,16 @@ class ServerConnection(asyncio.Protocol):
                 os.close(image_fd)
         self._log.info("peer_connected", native=self.native is not None)
 
+    @property
+    def said_hello(self) -> bool:
+        """A HELLO came: dropped after those that sent nothing when room must be made."""
+        return self.state != _HELLO
+
     def native_closed(self) -> None:
         """The responder closed the connection: it is gone from the server's books."""
         self.state = _CLOSING
         self.server.connections.discard(self)
+        self.server.admission.gone(self)
         self._log.debug("peer_disconnected")
 
     def abort(self) -> None:

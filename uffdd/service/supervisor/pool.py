@@ -29,6 +29,7 @@ from uffdd.service.manager import Every, StatusCounts, StatusReporter, install_s
 from uffdd.service.supervisor.notify import PREFIX_RE, Stored, Worker
 from uffdd.service.supervisor.shared import LISTEN_FD_NAME, LOAD_ENV, PARENT_ENV, WORKER_ENV, LoadTable
 from uffdd.service.supervisor.worker import worker_config
+from uffdd.sockclaim import check_tcp_port, check_unix_path, prepare_unix
 from uffdd.unixsock import bind_unix
 
 log = structlog.get_logger("uffdd.workers")
@@ -79,19 +80,37 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         LoadTable.create(self.load_path, self.count)
         self.workers = [Worker.open(i, os.path.join(self._dir.name, f"notify.{i}")) for i in range(self.count)]
-        self._take_inherited()
+        # Everything that can fail is tried before the VMM socket is replaced: the workers' control
+        # sockets and metrics ports, and ours (a live one stops us).
+        self._check_worker_binds()
+        control_claim = prepare_unix(self.config.control_path, backlog=16, key="control.listen")
+        try:
+            self._take_inherited()
+            control_sock = control_claim.commit()
+        except BaseException:
+            control_claim.abort()
+            raise
         for w in self.workers:
             loop.add_reader(w.notify.fileno(), self._on_notify, w)
         self._exit_stack.callback(self._kill_all)
         for w in self.workers:
             self._spawn(w)
         control = ControlServer(self.config.control_path, self.snapshot)
-        await control.start()
+        await control.start(control_sock)
         self._exit_stack.push_async_callback(control.close)
         self._exit_stack.callback(install_signals(loop, stop=self._on_stop_signal, reload=self._on_reload_signal))
         self._start_timers(loop)
         log.info("workers_starting", workers=self.count, socket=self.config.listen,
                  control=self.config.control_path, fd_store=self.upstream.enabled)
+
+    def _check_worker_binds(self) -> None:
+        """StartupError if a worker could not bind its control socket (a live process answers on
+        it) or its metrics port: it would fail only after our sockets had been replaced."""
+        for i in range(self.count):
+            wc = worker_config(self.config, i)
+            check_unix_path(wc.control_path, key=f"control.listen (worker {i})")
+            if wc.metrics.address is not None and wc.metrics.address[1]:
+                check_tcp_port(wc.metrics.address, key=f"metrics.listen (worker {i})")
 
     def _start_timers(self, loop: asyncio.AbstractEventLoop) -> None:
         watchdog = start_watchdog(loop)
