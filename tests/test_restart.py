@@ -161,7 +161,9 @@ def test_three_kills_during_one_migration_of_two_guests_lose_no_page(tmp_path: P
         for res in results:
             assert_guest_whole(res)
         assert [e.returncode for e in sup.exits] == [-signal.SIGKILL] * 3
-        assert all(0 < n < PAGES for n in at_kill[0]), at_kill  # the first kill caught both mid-way
+        # The first kill caught a guest mid-way (the other may be whole by then: it was served
+        # first); every guest caught mid-way was resumed once per kill.
+        assert any(0 < n < PAGES for n in at_kill[0]), at_kill
         resumed = [e["session"] for e in log_events(tmp_path) if e.get("event") == "session_resumed"]
         for sid, counts in zip(("s1", "s2"), zip(*at_kill, strict=True), strict=True):
             assert resumed.count(sid) == sum(1 for n in counts if n < PAGES), (sid, at_kill, resumed)
