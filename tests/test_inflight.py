@@ -1,0 +1,132 @@
+"""Handshakes in flight survive SIGKILL: a VMM that does not wait for "ready" loses no guest.
+
+Firecracker registers its userfaultfd itself, sends the handshake and runs the guest at once.
+If the daemon dies after accepting such a VMM but before its session is in the fd store, nobody
+could ever serve that guest. Here the daemon runs with ``workers`` at its default under
+tests/supervisor.py (which keeps the fd store and restarts it); each run kills it at a random
+moment 0-50 ms after the stand-in VMM connected, and the guest must still get every page right.
+One supervisor serves all the runs, so each costs about one restart.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.supervisor import Supervisor
+from tests.test_restart import log_events, supervised
+from uffdd.service.control import query
+from uffdd.testing import VmmProcess, VmmSpec
+from uffdd.testing.waiting import wait_until
+
+MIB = 1 << 20
+SMALL = [2 * MIB, 1 * MIB]
+SMALL_PAGES = sum(SMALL) // 4096
+RUNS = 50
+GUEST_TIMEOUT = 10
+"""A guest nobody serves hangs: its stand-in VMM gives up after this many seconds."""
+DEFAULTS: dict[str, Any] = {"workers": "auto"}  # the default: one worker per CPU
+
+
+def firecracker_like(tmp_path: Path, snapshot: Path, seed: int, connected_fd: int) -> VmmProcess:
+    """A VMM that registers its uffd itself and faults right after sending the handshake."""
+    return VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot), region_sizes=SMALL,
+                              threads=2, vm_id=f"fc{seed}", seed=seed, preregister=True, wait_ready=False,
+                              connected_fd=connected_fd, timeout=GUEST_TIMEOUT))
+
+
+def guest_through_a_kill(tmp_path: Path, snapshot: Path, seed: int, delay: float,
+                         kill: Callable[[], None]) -> dict[str, Any] | str:
+    """Start a guest, ``kill`` ``delay`` seconds after it connected; its result, or why it was lost."""
+    r, w = os.pipe()
+    try:
+        vmm = firecracker_like(tmp_path, snapshot, seed, w)
+    finally:
+        os.close(w)
+    try:
+        with os.fdopen(r, "rb", buffering=0) as connected:
+            select.select([connected], [], [], 30)
+            if connected.read(1) != b"c":
+                return f"never connected: {vmm.result(5)}"
+        select.select([], [], [], delay)  # the random moment of the kill, not a wait for a state
+        kill()
+        try:
+            return vmm.result(GUEST_TIMEOUT + 10)
+        except (RuntimeError, TimeoutError) as exc:
+            return f"lost: {exc}"
+    finally:
+        vmm.kill()
+
+
+def guest_is_whole(res: dict[str, Any] | str) -> bool:
+    return (isinstance(res, dict) and res["returncode"] == 0 and res["wrong_pages"] == 0
+            and res["pages_checked"] == SMALL_PAGES)
+
+
+def kill_main(sup: Supervisor) -> Callable[[], None]:
+    def kill() -> None:
+        sup.kill(signal.SIGKILL)
+    return kill
+
+
+def run_kills(tmp_path: Path, snapshot: Path, sup: Supervisor, runs: int, seed: int,
+              victim: Callable[[], None], after: Callable[[int], None]) -> list[str]:
+    """``runs`` guests, each through one kill; what went wrong, one line per lost or bad guest."""
+    rng = random.Random(seed)
+    bad = []
+    for run in range(runs):
+        delay = rng.uniform(0.0, 0.05)
+        res = guest_through_a_kill(tmp_path, snapshot, seed * 1000 + run, delay, victim)
+        if not guest_is_whole(res):
+            bad.append(f"run {run} (kill {delay * 1000:.1f} ms after connect): {res}")
+        after(run)
+    return bad
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_0_to_50ms_after_a_vmm_connects_without_waiting_for_ready_loses_no_guest(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config=DEFAULTS, max_starts=RUNS + 5) as sup:
+        sup.wait_ready(run=1)
+
+        def restarted(run: int) -> None:
+            sup.wait_ready(run=run + 2, timeout=30)
+
+        bad = run_kills(tmp_path, snapshot_4k, sup, RUNS, 1, kill_main(sup), restarted)
+        assert not bad, f"{len(bad)} of {RUNS} guests lost or wrong:\n" + "\n".join(bad)
+        assert [e.returncode for e in sup.exits] == [-signal.SIGKILL] * RUNS
+        assert sup.wait_for(lambda: sup.stored_names() == ["listen"], 10), sup.stored_names()
+    events = [e.get("event") for e in log_events(tmp_path)]
+    assert "handshake_resumed" in events, "no kill landed while a handshake was in flight"
+
+
+@pytest.mark.timeout(600)
+def test_workers_sigkilled_0_to_50ms_after_a_vmm_connects_lose_no_guest(tmp_path: Path, snapshot_4k: Path) -> None:
+    runs = RUNS // 2
+    with supervised(tmp_path, snapshot_4k, config=DEFAULTS) as sup:
+        sup.wait_ready(run=1)
+        ctl = str(tmp_path / "uffdd.ctl")
+        pids: list[int] = [w["pid"] for w in query(ctl)["workers"]]
+
+        def kill_workers() -> None:  # all of them: whichever accepted the VMM dies mid-handshake
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+
+        def replaced(run: int) -> None:
+            def all_new() -> list[int]:
+                ws = query(ctl)["workers"]
+                return [w["pid"] for w in ws] if all(w["ready"] and w["starts"] == run + 2 for w in ws) else []
+
+            pids[:] = wait_until(all_new, timeout=30, what="every worker replaced and ready")
+
+        bad = run_kills(tmp_path, snapshot_4k, sup, runs, 2, kill_workers, replaced)
+        assert not bad, f"{len(bad)} of {runs} guests lost or wrong:\n" + "\n".join(bad)
+        assert sup.exits == []  # the parent itself never went down
+        assert sup.wait_for(lambda: sup.stored_names() == ["listen"], 10), sup.stored_names()
