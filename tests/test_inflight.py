@@ -137,3 +137,31 @@ def test_workers_sigkilled_0_to_50ms_after_a_vmm_connects_lose_no_guest(tmp_path
         assert sup.exits == []  # the parent itself never went down
         assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
     assert_some_handshake_was_in_flight(tmp_path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_handshake_cut_short_by_sigkill_is_finished_by_the_successor_from_the_bytes_still_queued(
+        workers: int, tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config={"workers": workers}) as sup:
+        sup.wait_ready(run=1)
+        # Ten pieces 50 ms apart: the daemon has read (peeked) a part of the body and its fds.
+        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
+                                 threads=2, vm_id="cut", preregister=True, wait_ready=False, split_body=10,
+                                 timeout=GUEST_TIMEOUT))
+        try:
+            def in_flight() -> bool:
+                names = sup.stored_names()
+                return any(n.endswith("s1.conn") for n in names) and not any(n.endswith("s1.desc") for n in names)
+
+            assert sup.wait_for(in_flight, 15), sup.stored_names()
+            sup.kill(signal.SIGKILL)
+            sup.wait_ready(run=2, timeout=30)
+            res = vmm.result(GUEST_TIMEOUT + 10)
+        finally:
+            vmm.kill()
+        assert guest_is_whole(res), res
+        assert res["session"] == "s1"
+        resumed = [e for e in log_events(tmp_path) if e.get("event") == "handshake_resumed"]
+        assert [e["session"] for e in resumed] == ["s1"], resumed
+        assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
