@@ -165,3 +165,23 @@ def test_a_handshake_cut_short_by_sigkill_is_finished_by_the_successor_from_the_
         resumed = [e for e in log_events(tmp_path) if e.get("event") == "handshake_resumed"]
         assert [e["session"] for e in resumed] == ["s1"], resumed
         assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_a_handshake_waits_for_that_guest_as_for_a_live_session(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k) as sup:
+        sup.wait_ready(run=1)
+        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
+                                 threads=2, vm_id="term", preregister=True, wait_ready=False, split_body=10,
+                                 timeout=GUEST_TIMEOUT))
+        try:
+            assert sup.wait_for(lambda: "s1.conn" in sup.stored_names(), 15), sup.stored_names()
+            sup.kill(signal.SIGTERM)
+            res = vmm.result(GUEST_TIMEOUT + 10)
+        finally:
+            vmm.kill()
+        assert guest_is_whole(res), res
+        assert sup.wait_for(lambda: len(sup.exits) == 1, 10) and sup.exits[0].returncode == 0, sup.exits
+    events = [e.get("event") for e in log_events(tmp_path)]
+    assert "waiting_for_sessions" in events and "handshake_refused" not in events

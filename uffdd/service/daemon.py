@@ -161,8 +161,8 @@ class Daemon:
             await listener.hand_over()
             return
         await listener.stop_accepting()
-        if not listener.sessions:
-            return
+        if not listener.sessions and not listener.handshakes_in_flight:  # a VMM in its handshake may
+            return  # already run its guest (Firecracker does not wait for "ready"): it is waited for too
         log.warning("waiting_for_sessions", sessions=sorted(listener.sessions),
                     hint="send the signal again to " + ("hand them over to the fd store" if self.store.enabled
                                                         else "end them now (their guests lose their pages)"))

@@ -109,6 +109,10 @@ class Listener:
         """VMM connections open now (each live, resumed or completed session has one)."""
         return self.server.connections
 
+    @property
+    def handshakes_in_flight(self) -> int:
+        return self.server.connections - len(self.sessions) - len(self.waiting_complete)
+
     async def start(self) -> None:
         await self.server.start(self.bind())
 
@@ -166,12 +170,11 @@ class Listener:
         sid = self._accepted[conn] = f"s{next(self._ids)}"
         if self.store.enabled and not self.store.store_conn(sid, conn.fileno()):
             self.store_failures += 1
-            log.error("fd_store_failed", session=sid, hint="a restart now would lose this VMM's handshake")
+            log.error("fd_store_failed", session=sid, hint="a restart now loses this VMM")
         return conn
 
     async def _serve_connection(self, conn: socket.socket) -> None:
-        session_id = self._accepted.pop(conn, None) or f"s{next(self._ids)}"
-        await self._serve_handshake(conn, session_id)
+        await self._serve_handshake(conn, self._accepted.pop(conn, None) or f"s{next(self._ids)}")
 
     async def _serve_handshake(self, conn: socket.socket, session_id: str) -> None:
         """Handshake, then the session; a refused VMM gets the error line (and leaves the store)."""
