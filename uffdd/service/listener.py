@@ -174,7 +174,7 @@ class Listener:
         return conn
 
     async def _serve_connection(self, conn: socket.socket) -> None:
-        await self._serve_handshake(conn, self._accepted.pop(conn, None) or f"s{next(self._ids)}")
+        await self._serve_handshake(conn, self._accepted.pop(conn, "") or f"s{next(self._ids)}")
 
     async def _serve_handshake(self, conn: socket.socket, session_id: str) -> None:
         """Handshake, then the session; a refused VMM gets the error line (and leaves the store)."""
