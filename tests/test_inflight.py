@@ -185,3 +185,30 @@ def test_sigterm_during_a_handshake_waits_for_that_guest_as_for_a_live_session(
         assert sup.wait_for(lambda: len(sup.exits) == 1, 10) and sup.exits[0].returncode == 0, sup.exits
     events = [e.get("event") for e in log_events(tmp_path)]
     assert "waiting_for_sessions" in events and "handshake_refused" not in events
+
+
+@pytest.mark.timeout(60)
+def test_what_workers_stored_with_a_parent_that_never_read_it_reaches_the_next_parent(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config={"workers": 2}) as sup:
+        sup.wait_ready(run=1)
+        assert sup.main_pid is not None
+        os.kill(sup.main_pid, signal.SIGSTOP)  # reads nothing from its workers from now on
+        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
+                                 threads=2, vm_id="held", start_delay=1.0, timeout=GUEST_TIMEOUT))
+        try:
+            def serving() -> bool:  # the worker stored the session (in the parent's queue) and serves it
+                return any(s["vm_id"] == "held" for i in (0, 1)
+                           for s in query(str(tmp_path / f"uffdd.{i}.ctl"))["sessions"])
+
+            wait_until(serving, timeout=15, what="a worker serving the guest")
+            assert not any(n.endswith(".conn") for n in sup.stored_names())  # nothing reached the manager
+            sup.kill(signal.SIGKILL)
+            sup.wait_ready(run=2, timeout=30)
+            res = vmm.result(GUEST_TIMEOUT + 10)
+        finally:
+            vmm.kill()
+        assert guest_is_whole(res), res
+        assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
+    events = [e.get("event") for e in log_events(tmp_path)]
+    assert "worker_notify_backlog" in events and "session_resumed" in events

@@ -148,9 +148,12 @@ class WorkerPool:
         sock.setblocking(False)
         path = sock.getsockname()
         if index < self.count:
-            w = self.workers[index]
+            w, taken = self.workers[index], 0
             for fields, fds in read_messages(sock, lambda pid: True, lambda pid, flags: None):
                 w.keep_fds(fields, fds, mirror=self.upstream.enabled)
+                taken += 1
+            if taken:
+                log.info("worker_notify_backlog", worker=index, messages=taken, stored_fds=len(w.store))
         else:
             log.error("notify_socket_of_missing_worker", worker=index, hint="what it holds is dropped")
         sock.close()
