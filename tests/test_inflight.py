@@ -10,10 +10,13 @@ One supervisor serves all the runs, so each costs about one restart.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import select
 import signal
+import socket
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,11 @@ from tests.supervisor import Supervisor
 from tests.test_restart import log_events, supervised
 from tests.test_workers import only_sockets_stored
 from uffdd.service.control import query
+from uffdd.service.inflight import SO_PEEK_OFF, peek_handshake
+from uffdd.service.supervisor.notify import same_file
 from uffdd.testing import VmmProcess, VmmSpec
-from uffdd.testing.waiting import wait_until
+from uffdd.testing.waiting import eventually, wait_until
+from uffdd.unixsock import close_fds
 
 MIB = 1 << 20
 SMALL = [2 * MIB, 1 * MIB]
@@ -212,3 +218,49 @@ def test_what_workers_stored_with_a_parent_that_never_read_it_reaches_the_next_p
         assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
     events = [e.get("event") for e in log_events(tmp_path)]
     assert "worker_notify_backlog" in events and "session_resumed" in events
+
+
+async def test_peek_handshake_reads_a_body_in_pieces_and_leaves_it_and_its_fds_queued() -> None:
+    ours, vmm = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    got: list[int] = []
+    try:
+        ours.setblocking(False)
+        vmm.sendmsg([b'{"regions": '], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(array("i", [r, w])))])
+        reading = asyncio.ensure_future(peek_handshake(ours, max_bytes=4096, timeout=5))
+        await eventually(lambda: ours.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) == 12, what="first piece peeked")
+        assert not reading.done()  # it waits for the rest, which has not been sent yet
+        vmm.sendall(b'[1]}')
+        body, got = await reading
+        assert body == b'{"regions": [1]}' and len(got) == 2 and same_file(got[0], r)
+        # A successor reads the same handshake again: nothing was consumed.
+        again, more = await peek_handshake(ours, max_bytes=4096, timeout=5)
+        got += more
+        assert again == body and same_file(more[1], w)
+        assert ours.recv(64) == b'{"regions": '  # what the session's EOF watch drops (with the fds)
+    finally:
+        close_fds([r, w, *got])
+        ours.close()
+        vmm.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_handover_during_a_handshake_leaves_it_to_the_next_start(tmp_path: Path, snapshot_4k: Path) -> None:
+    with supervised(tmp_path, snapshot_4k, config={"shutdown": {"on_sigterm": "handover"}},
+                    fd_store_preserve=True) as sup:
+        sup.wait_ready(run=1)
+        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
+                                 threads=2, vm_id="handed", preregister=True, wait_ready=False, split_body=10,
+                                 timeout=GUEST_TIMEOUT))
+        try:
+            assert sup.wait_for(lambda: "s1.conn" in sup.stored_names(), 15), sup.stored_names()
+            assert sup.stop().returncode == 0
+            assert "s1.conn" in sup.stored_names() and "s1.desc" not in sup.stored_names()
+            sup.start_again()
+            sup.wait_ready(run=2)
+            res = vmm.result(GUEST_TIMEOUT + 10)
+        finally:
+            vmm.kill()
+        assert guest_is_whole(res), res
+    events = [e.get("event") for e in log_events(tmp_path)]
+    assert "handshake_resumed" in events and "handshake_refused" not in events
