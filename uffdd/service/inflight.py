@@ -29,9 +29,13 @@ import contextlib
 import select
 import socket
 
+import structlog
+
 from uffdd import handshake as hs_mod
 from uffdd.errors import HandshakeError
-from uffdd.unixsock import ancillary_space, close_fds, parse_ancillary, wait_readable
+from uffdd.unixsock import ancillary_space, close_fds, parse_ancillary, receive_handshake, wait_readable
+
+log = structlog.get_logger("uffdd.inflight")
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 """Linux's value; Python's socket module does not name it."""
@@ -81,7 +85,11 @@ async def peek_handshake(sock: socket.socket, *, max_bytes: int, timeout: float,
     they are closed and HandshakeError says what was wrong."""
     body = bytearray()
     fds: list[int] = []
-    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)  # from the start, whatever a predecessor peeked
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)  # from the start, whatever a predecessor peeked
+    except OSError as exc:  # a kernel without it for Unix sockets: read as before, not durable
+        log.warning("handshake_not_durable", error=str(exc), hint="SO_PEEK_OFF is needed on Unix sockets")
+        return await receive_handshake(sock, max_bytes=max_bytes, timeout=timeout, max_fds=max_fds)
     arrivals = _Arrivals(sock)
     try:
         async with asyncio.timeout(timeout):
