@@ -168,6 +168,8 @@ def test_a_handshake_cut_short_by_sigkill_is_finished_by_the_successor_from_the_
             vmm.kill()
         assert guest_is_whole(res), res
         assert res["session"] == "s1"
+        if workers == 1:
+            assert query(str(tmp_path / "uffdd.ctl"))["handshakes_resumed"] == 1
         resumed = [e for e in log_events(tmp_path) if e.get("event") == "handshake_resumed"]
         assert [e["session"] for e in resumed] == ["s1"], resumed
         assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
