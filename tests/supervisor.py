@@ -468,6 +468,7 @@ class Supervisor:
         proc = self.proc
         if proc is None or self.main_pid is None or proc.poll() is None:
             return
+        self._read_notify()  # what it sent before it died still counts as the main process's, as in systemd
         rc = proc.returncode
         reason = "watchdog" if self._watchdog_fired else ("signal" if rc < 0 else "exit")
         self.exits.append(Exit(pid=proc.pid, returncode=rc, reason=reason))

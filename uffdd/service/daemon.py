@@ -191,8 +191,8 @@ class Daemon:
             await listener.hand_over()
             return
         await listener.stop_accepting()
-        if not listener.sessions:
-            return
+        if not listener.sessions and not listener.handshakes_in_flight:  # a VMM in its handshake may
+            return  # already run its guest (Firecracker does not wait for "ready"): it is waited for too
         log.warning("waiting_for_sessions", sessions=sorted(listener.sessions),
                     hint="send the signal again to " + ("hand them over to the fd store" if self.store.enabled
                                                         else "end them now (their guests lose their pages)"))
@@ -269,7 +269,8 @@ class Daemon:
                 "uptime_s": round(time.monotonic() - self.started, 3), "status": self.status_line(),
                 "sessions": rows, "sessions_total": lst.sessions_total, "sessions_resumed": lst.sessions_resumed,
                 "waiting_complete": sorted(lst.waiting_complete), "unresumed": sorted(lst.unresumed),
-                "handshakes_refused": lst.handshakes_refused, "fd_store": lst.store.enabled, "reloads": self.reloads}
+                "handshakes_refused": lst.handshakes_refused, "handshakes_resumed": lst.handshakes_resumed,
+                "fd_store": lst.store.enabled, "reloads": self.reloads}
 
 
 async def serve(config: Config, *, config_path: str | None = None, ready: asyncio.Event | None = None) -> int:

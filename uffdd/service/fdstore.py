@@ -6,7 +6,9 @@ Each session stores five descriptors, one ``FDSTORE=1`` message each, named ``<s
 - ``mem``: the guest memory file;
 - ``state``: the page-state memfd (uffdd.core.pagestate), the record of which pages are in place;
 - ``conn``: the VMM's connection, so the successor still sees its EOF (stored with polling on:
-  the manager drops it by itself when the VMM hangs up while no daemon runs);
+  the manager drops it by itself when the VMM hangs up while no daemon runs). It is stored
+  first, right after accept() and before the handshake is read: a ``conn`` without ``desc`` is
+  a handshake in flight, which a successor runs again (uffdd.service.inflight);
 - ``desc``: a small memfd with this record (handshake, flags) as JSON, stored last: a session
   without its ``desc`` never started serving and is not resumed.
 
@@ -185,6 +187,10 @@ class FdStore:
         if self.enabled:
             for kind in kinds:
                 systemd.remove_fds(f"{sid}.{kind}")
+
+    def store_conn(self, sid: str, fd: int) -> bool:
+        """Store a VMM's connection as soon as it is accepted (its handshake not yet read)."""
+        return self.enabled and systemd.store_fd(f"{sid}.conn", fd, poll=True)
 
     def store_listener(self, fd: int) -> None:
         if self.enabled:

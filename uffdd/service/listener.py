@@ -2,6 +2,8 @@
 
 Every connection is its own task of one task group (:class:`uffdd.unixsock.UnixServer`): a
 malformed handshake is answered with one JSON error line and closed, and nothing else notices.
+Each connection is in the fd store from accept() on, its handshake read without consuming it
+(uffdd.service.inflight), so that a successor finishes handshakes that were in flight.
 """
 
 from __future__ import annotations
@@ -24,15 +26,14 @@ from uffdd.errors import HandshakeError, SourceError, UffddError
 from uffdd.kernel import Userfaultfd
 from uffdd.service.access import PeerCred, check_access, peer_cred
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
+from uffdd.service.inflight import accept_at_once, peek_handshake
 from uffdd.service.totals import Totals
 from uffdd.sources import PageSource, source_class
 from uffdd.unixsock import (
     Accept,
     UnixServer,
-    accept_connection,
     bind_unix,
     close_fds,
-    receive_handshake,
     send_line,
     until_eof,
 )
@@ -60,7 +61,7 @@ class Listener:
     """
 
     def __init__(self, config: Config, *, sock: socket.socket | None = None, owns_path: bool | None = None,
-                 store: FdStore | None = None, accept: Accept = accept_connection,
+                 store: FdStore | None = None, accept: Accept = accept_at_once,
                  on_connections: Callable[[int], None] | None = None) -> None:
         """``accept`` and ``on_connections`` let a worker balance new VMMs against its siblings."""
         self.config = config
@@ -73,9 +74,14 @@ class Listener:
         self.unresumed: dict[str, dict[str, int]] = {}
         """Stored sessions that could not be resumed (e.g. their source is no longer configured);
         their descriptors stay in the store and are tried again on reload."""
-        self.server = UnixServer(self._serve_connection, name="listener", accept=accept, on_count=on_connections)
+        self._accept = accept
+        self.server = UnixServer(self._serve_connection, name="listener", accept=self._accept_durably,
+                                 on_count=on_connections)
         """Runs every connection (and every resumed session) in one task group."""
         self._ids = itertools.count(1)
+        self._accepted: dict[socket.socket, str] = {}
+        """Connections accepted (and stored) whose handler has not started yet -> session id."""
+        self.handshakes_resumed = 0
         self.sessions_total = 0
         self.sessions_resumed = 0
         self.ended_totals = SessionStats()
@@ -106,6 +112,10 @@ class Listener:
     def connections(self) -> int:
         """VMM connections open now (each live, resumed or completed session has one)."""
         return self.server.connections
+
+    @property
+    def handshakes_in_flight(self) -> int:
+        return self.server.connections - len(self.sessions) - len(self.waiting_complete)
 
     async def start(self) -> None:
         await self.server.start(self.bind())
@@ -158,18 +168,34 @@ class Listener:
         spec = self.config.sources.get(session.handshake.source)
         return spec.kind if spec is not None else "unknown"
 
+    async def _accept_durably(self, sock: socket.socket) -> socket.socket:
+        """Accept, and store the connection before anything else runs: from now on a successor
+        finishes its handshake if we die (see uffdd.service.inflight)."""
+        conn = await self._accept(sock)
+        sid = self._accepted[conn] = f"s{next(self._ids)}"
+        if self.store.enabled and not self.store.store_conn(sid, conn.fileno()):
+            self.store_failures += 1
+            log.error("fd_store_failed", session=sid, hint="a restart now loses this VMM")
+        return conn
+
     async def _serve_connection(self, conn: socket.socket) -> None:
-        session_id = f"s{next(self._ids)}"
+        await self._serve_handshake(conn, self._accepted.pop(conn, "") or f"s{next(self._ids)}")
+
+    async def _serve_handshake(self, conn: socket.socket, session_id: str) -> None:
+        """Handshake, then the session; a refused VMM gets the error line (and leaves the store)."""
         cred = peer_cred(conn)
         try:
             session, uffd_fd = await self._handshake(conn, session_id, cred)
         except (UffddError, OSError) as exc:  # KernelError is an OSError: all get the error line
             self.handshakes_refused += 1
             log.warning("handshake_refused", session=session_id, error=str(exc), **cred.fields())
+            self.store.remove(session_id, ("conn",))
             await send_line(conn, {"error": str(exc)})
             conn.close()
             return
         except BaseException:
+            if not self.handing_over:
+                self.store.remove(session_id, ("conn",))
             conn.close()
             raise
         record = SessionRecord(session_id=session_id, handshake=session.handshake,
@@ -183,7 +209,7 @@ class Listener:
         set up the session (and return it with its userfaultfd); on error every received fd is closed."""
         fds: list[int] = []
         try:
-            body, fds = await receive_handshake(
+            body, fds = await peek_handshake(
                 conn, max_bytes=self.config.handshake.max_bytes, timeout=self.config.handshake.timeout)
             hs = hs_mod.parse(body)
             check_access(self.config.access, hs.vm_id, cred)
@@ -211,7 +237,7 @@ class Listener:
             return
         try:
             record.create()
-            kept = {"uffd": uffd_fd, "state": session.states.fd, "conn": conn.fileno(), "desc": record.fd}
+            kept = {"uffd": uffd_fd, "state": session.states.fd, "desc": record.fd}  # conn: since accept
             if session.memfd is not None:
                 kept["mem"] = session.memfd
             if not self.store.store_session(session.id, kept):
@@ -298,6 +324,9 @@ class Listener:
 
     async def _resume_one(self, sid: str, fds: dict[str, int]) -> None:
         slog = log.bind(session=sid)
+        if "desc" not in fds and "conn" in fds:
+            self._resume_handshake(sid, fds)
+            return
         if "desc" not in fds:
             # Stored half-way when the predecessor died: that session never served a fault.
             slog.warning("stored_session_incomplete", kinds=sorted(fds))
@@ -351,6 +380,19 @@ class Listener:
         self.sessions_resumed += 1
         slog.info("session_resumed", vm_id=hs.vm_id, pages_total=session.stats.pages_total)
         self.server.spawn(self._run_session, session, conn, record)
+
+    def _resume_handshake(self, sid: str, fds: dict[str, int]) -> None:
+        """A connection without a session record: its handshake was in flight (still queued on
+        it, uffdd.service.inflight) and no fault was served. Drop what was stored of it and run
+        the handshake again from the start."""
+        partial = tuple(k for k in fds if k != "conn")
+        close_fds(fds[k] for k in partial)
+        self.store.remove(sid, partial)
+        conn = socket.socket(fileno=fds["conn"])
+        conn.setblocking(False)
+        self.handshakes_resumed += 1
+        log.info("handshake_resumed", session=sid, dropped=sorted(partial))
+        self.server.spawn(self._serve_handshake, conn, sid)
 
     def _unresumable(self, sid: str, fds: dict[str, int], why: str) -> None:
         """Leave the descriptors in the store (the guest waits rather than read wrong bytes)."""

@@ -68,6 +68,8 @@ def _service_families(lst: Listener, stats: list[SessionStats], live: int) -> It
     yield CounterMetricFamily("uffdd_sessions_resumed", "Sessions taken over from a predecessor via the fd store",
                               value=lst.sessions_resumed)
     yield CounterMetricFamily("uffdd_handshakes_refused", "Handshakes refused", value=lst.handshakes_refused)
+    yield CounterMetricFamily("uffdd_handshakes_resumed", "Handshakes in flight when a predecessor died, run again",
+                              value=lst.handshakes_resumed)
     yield GaugeMetricFamily("uffdd_sessions_unresumed", "Stored sessions that could not be resumed (guests wait)",
                             value=len(lst.unresumed))
     errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])

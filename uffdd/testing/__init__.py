@@ -18,9 +18,10 @@ class VmmProcess:
 
     def __init__(self, spec: VmmSpec) -> None:
         self.spec = spec
+        inherited = [*spec.extra_fds, *([spec.connected_fd] if spec.connected_fd >= 0 else [])]
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _ENTRY, json.dumps(asdict(spec))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(spec.extra_fds),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=tuple(inherited),
         )
 
     def result(self, timeout: float = 60) -> dict[str, object]:

@@ -99,10 +99,21 @@ class VmmSpec:
     connect_as: list[int] = field(default_factory=list)
     """[uid, gid]: become that user (no supplementary groups) after creating the memory and the
     userfaultfd, just before connecting: the daemon sees those ids in SO_PEERCRED."""
+    wait_ready: bool = True
+    """Wait for the daemon's answer before the vCPUs start. Firecracker does not: with False (and
+    ``preregister``) they fault at once, and the answer is read after the workload."""
+    connected_fd: int = -1
+    """An inherited pipe that gets one byte right after connect(): a test times a kill from it."""
 
 
 def _addr(mm: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+
+def _answer(lines: Any) -> dict[str, Any]:
+    """The daemon's first line on the VMM socket."""
+    reply = lines.readline()
+    return json.loads(reply) if reply else {"error": "daemon closed the connection"}
 
 
 def _quantile(sorted_ns: list[int], q: float) -> float:
@@ -181,8 +192,9 @@ class _StandIn:
         doc: object = regions if spec.list_form else {"vm_id": spec.vm_id, "source": spec.source, "regions": regions}
         return json.dumps(doc).encode()
 
-    def handshake(self, uffd: Userfaultfd) -> tuple[socket.socket, Any, dict[str, Any]]:
-        """Connect, send the body (in pieces if asked) with the fds, read the daemon's answer."""
+    def handshake(self, uffd: Userfaultfd) -> tuple[socket.socket, Any, dict[str, Any] | None]:
+        """Connect, send the body (in pieces if asked) with the fds, read the daemon's answer
+        (None: not waited for)."""
         spec = self.spec
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if spec.connect_as:
@@ -190,6 +202,9 @@ class _StandIn:
             os.setgid(spec.connect_as[1])
             os.setuid(spec.connect_as[0])
         sock.connect(spec.socket)
+        if spec.connected_fd >= 0:
+            os.write(spec.connected_fd, b"c")
+            os.close(spec.connected_fd)
         fds = array.array("i", [uffd.fileno(), *([] if spec.anonymous else [self.memfd]), *spec.extra_fds])
         body = self.body()
         step = -(-len(body) // max(1, spec.split_body))
@@ -199,8 +214,7 @@ class _StandIn:
             time.sleep(0.05)
             sock.sendall(chunk)
         lines = sock.makefile("rb")
-        reply = lines.readline()
-        return sock, lines, json.loads(reply) if reply else {"error": "daemon closed the connection"}
+        return sock, lines, _answer(lines) if spec.wait_ready else None
 
 
 class _Workload:
@@ -285,7 +299,7 @@ def run(spec: VmmSpec) -> dict[str, object]:
     vm = _StandIn(spec)
     uffd = vm.userfaultfd()
     sock, lines, answer = vm.handshake(uffd)
-    if "error" in answer:
+    if answer is not None and "error" in answer:
         return {"ok": False, "error": answer["error"], "stage": "handshake"}
     if spec.shrink_after >= 0 or spec.listen_only > 0:
         uffd.close()  # handed over: the daemon's copy is the only one
@@ -296,6 +310,8 @@ def run(spec: VmmSpec) -> dict[str, object]:
         vm.bases[i] = _move(vm.bases[i], spec.region_sizes[i], vm.ps)
     work = _Workload(vm, sock)
     elapsed = work.run()
+    if answer is None:  # not waited for: it came while the vCPUs' faults were served
+        answer = _answer(lines)
     touched = set(work.order)
     for first, count in spec.dontneed:
         _madvise(work.pages[first][0], count * vm.ps, _MADV_DONTNEED)

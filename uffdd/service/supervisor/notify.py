@@ -5,6 +5,12 @@ READY/RELOADING/STATUS/WATCHDOG, keeps the descriptors the worker stores (FDSTOR
 those it removes (FDSTOREREMOVE=1), mirroring both into its own manager's store under the
 names ``w<i>.<name>``. A worker's counts arrive as ``X_UFFDD_COUNTS=`` (see
 :class:`~uffdd.service.manager.StatusCounts`), next to its STATUS= words.
+
+A datagram is only peeked at until what it asks for is done (and mirrored): a worker's
+FDSTORE=1 may carry the only copy of a VMM's connection. The notify sockets themselves are in
+our manager's store (``notify.<i>``), so what is queued on them outlives us too, and the next
+parent reads it before it starts any worker (:func:`read_messages`). A datagram read again
+after such a restart stores nothing twice (:meth:`Worker.keep_fds`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -29,12 +35,42 @@ NOTIFY_MAX = 4096
 SCM_MAX_FD = 253
 PREFIX_RE = re.compile(r"w(?P<index>[0-9]+)\.(?P<name>.+)")
 """How a worker's descriptors are named in the parent's own store."""
+NOTIFY_NAME_RE = re.compile(r"notify\.(?P<index>[0-9]+)")
+"""How worker i's notify socket is named in the parent's own store."""
 
 
 @dataclass(eq=False)
 class Stored:
     name: str
     fd: int
+
+
+def read_messages(sock: socket.socket, sender_ok: Callable[[int], bool],
+                  refused: Callable[[int, int], None]) -> Iterator[tuple[dict[str, str], list[int]]]:
+    """The datagrams queued on ``sock``, each removed from the queue only once the caller has
+    handled it (a parent killed meanwhile leaves it to the next one, see the module docstring).
+    Datagrams from a sender that is not ok, or truncated, go to ``refused(pid, flags)``."""
+    while True:
+        try:
+            data, anc, flags, _ = sock.recvmsg(NOTIFY_MAX, ancillary_space(SCM_MAX_FD, credentials=True),
+                                               socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        fds, pid = parse_ancillary(anc)
+        try:
+            if not sender_ok(pid) or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                refused(pid, flags)
+                close_fds(fds)
+                continue
+            yield parse_fields(data), fds
+        finally:
+            sock.recv(1)  # now drop it (its fds, received again, are closed by the kernel)
+
+
+def same_file(a: int, b: int) -> bool:
+    """Two descriptors of one open file (or at least of one inode: enough next to equal names)."""
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def parse_fields(data: bytes) -> dict[str, str]:
@@ -80,24 +116,22 @@ class Worker:
     def messages(self, *, dead_pid: int | None = None) -> Iterator[tuple[dict[str, str], list[int]]]:
         """The datagrams queued on the notify socket, from our worker (or, just after it died,
         from ``dead_pid``); others are refused and their descriptors closed."""
-        while True:
-            try:
-                data, anc, flags, _ = self.notify.recvmsg(NOTIFY_MAX, ancillary_space(SCM_MAX_FD, credentials=True))
-            except (BlockingIOError, InterruptedError):
-                return
-            fds, pid = parse_ancillary(anc)
-            sender_ok = pid == self.pid or (dead_pid is not None and pid in (dead_pid, 0))
-            if not sender_ok or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                log.warning("worker_notify_refused", worker=self.index, sender=pid, truncated=bool(flags))
-                close_fds(fds)
-                continue
-            yield parse_fields(data), fds
+        def sender_ok(pid: int) -> bool:
+            return pid == self.pid or (dead_pid is not None and pid in (dead_pid, 0))
+
+        def refused(pid: int, flags: int) -> None:
+            log.warning("worker_notify_refused", worker=self.index, sender=pid, truncated=bool(flags))
+
+        return read_messages(self.notify, sender_ok, refused)
 
     def keep_fds(self, fields: dict[str, str], fds: list[int], *, mirror: bool) -> None:
         """FDSTORE=1 / FDSTOREREMOVE=1; with ``mirror``, in the parent's own manager too."""
         name = fields.get("FDNAME", "stored")
         if fields.get("FDSTORE") == "1" and fds and systemd.fdname_is_valid(name):
             for fd in fds:
+                if any(s.name == name and same_file(s.fd, fd) for s in self.store):
+                    os.close(fd)  # read again after a restart of ours: kept (and mirrored) already
+                    continue
                 self.store.append(Stored(name, fd))
                 if mirror:
                     systemd.store_fd(f"w{self.index}.{name}", fd, poll=fields.get("FDPOLL") != "0")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -26,7 +27,7 @@ from uffdd.service import systemd
 from uffdd.service.control import ControlServer
 from uffdd.service.fdstore import FdStore, listening_socket, sort_inherited
 from uffdd.service.manager import Every, StatusCounts, StatusReporter, install_signals, start_watchdog
-from uffdd.service.supervisor.notify import PREFIX_RE, Stored, Worker
+from uffdd.service.supervisor.notify import NOTIFY_NAME_RE, PREFIX_RE, Stored, Worker, read_messages
 from uffdd.service.supervisor.shared import LISTEN_FD_NAME, LOAD_ENV, PARENT_ENV, WORKER_ENV, LoadTable
 from uffdd.service.supervisor.worker import worker_config
 from uffdd.sockclaim import check_tcp_port, check_unix_path, prepare_unix
@@ -91,6 +92,8 @@ class WorkerPool:
             control_claim.abort()
             raise
         for w in self.workers:
+            if self.upstream.enabled:  # what a worker sends us outlives us (see .notify)
+                systemd.store_fd(f"notify.{w.index}", w.notify.fileno(), poll=False)
             loop.add_reader(w.notify.fileno(), self._on_notify, w)
         self._exit_stack.callback(self._kill_all)
         for w in self.workers:
@@ -125,9 +128,13 @@ class WorkerPool:
         """Sort what our manager passed: our socket, and the stored sets of earlier workers (or
         of a single-process predecessor, whose sessions go to worker 0)."""
         rest: list[systemd.ListenFd] = []
+        notify: list[tuple[int, int]] = []
         for lf in systemd.listen_fds():
             m = PREFIX_RE.fullmatch(lf.name)
-            if m is None:
+            n = NOTIFY_NAME_RE.fullmatch(lf.name)
+            if n is not None:
+                notify.append((int(n["index"]), lf.fd))
+            elif m is None:
                 rest.append(lf)
             elif int(m["index"]) < self.count:
                 self.workers[int(m["index"])].store.append(Stored(m["name"], lf.fd))
@@ -135,6 +142,8 @@ class WorkerPool:
                 log.error("stored_fds_of_missing_worker", name=lf.name,
                           hint=f"kept in the service manager's store; run with workers >= {int(m['index']) + 1}")
                 os.close(lf.fd)
+        for index, fd in notify:  # after the stored sets: what is queued there came later
+            self._drain_inherited_notify(index, fd)
         inherited = sort_inherited(rest)
         inherited.close_unknown()
         for sid, kinds in inherited.sessions.items():
@@ -149,6 +158,28 @@ class WorkerPool:
             sock = bind_unix(self.config.listen, backlog=128, key="listen")
             self.upstream.store_listener(sock.fileno())
         self.sock = sock
+
+    def _drain_inherited_notify(self, index: int, fd: int) -> None:
+        """What a worker of our predecessor sent that it had not handled when it died: its
+        descriptors go into that worker's store (and our manager's) before any worker starts.
+        Then the old socket and its directory go."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        path = sock.getsockname()
+        if index < self.count:
+            w, taken = self.workers[index], 0
+            for fields, fds in read_messages(sock, lambda pid: True, lambda pid, flags: None):
+                w.keep_fds(fields, fds, mirror=self.upstream.enabled)
+                taken += 1
+            if taken:
+                log.info("worker_notify_backlog", worker=index, messages=taken, stored_fds=len(w.store))
+        else:
+            log.error("notify_socket_of_missing_worker", worker=index, hint="what it holds is dropped")
+        sock.close()
+        if self.upstream.enabled:
+            systemd.remove_fds(f"notify.{index}")
+        if isinstance(path, str) and os.path.basename(os.path.dirname(path)).startswith("uffdd-workers-"):
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
     # --- signals ------------------------------------------------------------------------------
     def _on_stop_signal(self, signum: int) -> None:
@@ -296,6 +327,8 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         for w in self.workers:
             loop.remove_reader(w.notify.fileno())
+            if self.upstream.enabled:
+                systemd.remove_fds(f"notify.{w.index}")
             w.close()
         if self.sock is not None:
             handing_over = kept > 0 and self.upstream.enabled
