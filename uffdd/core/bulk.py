@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import mmap
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -38,6 +39,9 @@ from uffdd.kernel.memory import PrivateBuffer, copy_into, populate
 from uffdd.sources import PageSource
 from uffdd.sources.base import DirectReceiver
 
+BACKGROUND_NICE = 10
+"""The niceness of the threads that copy background runs into guest memory (the fault loop keeps
+the process's, -10 under the shipped unit)."""
 INSTALL_STEP = 256 << 10
 """Bytes of background pages installed at once before the fault loop gets its turn."""
 
@@ -102,6 +106,12 @@ class PrefetchHost(Protocol):
     def covers(self, region: Region, lo: int, n: int) -> bool: ...
 
     def memory_short(self) -> bool: ...
+
+
+def _background_priority() -> None:
+    """A copy thread yields its CPU to the fault loop and to the vCPUs it wakes: demand first."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 class _InFlight:
@@ -324,7 +334,8 @@ class BulkFetcher:
             # Copies into one shmem file serialize on its inode lock: one thread. hugetlbfs
             # copies (preadv into separate huge pages) scale with a second core.
             workers = 2 if self.host.hugetlb else 1
-            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"uffdd-prefetch-{self.host.id}")
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"uffdd-prefetch-{self.host.id}",
+                                            initializer=_background_priority)
         return self._pool
 
     # --- worker threads (GIL released in the system calls) ------------------------------------
