@@ -105,24 +105,21 @@ async def wait_readable(sock: socket.socket) -> None:
 # --- the VMM handshake -------------------------------------------------------------------------
 
 async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: float,
-                            max_fds: int = 2) -> tuple[bytes, list[int]]:
+                            max_fds: int = 2, max_depth: int = hs_mod.MAX_DEPTH) -> tuple[bytes, list[int]]:
     """Read one handshake: a JSON body that may span several reads, plus SCM_RIGHTS fds.
 
-    On error every received fd is closed and HandshakeError says what was wrong.
+    Each read is scanned once (:class:`uffdd.handshake.BodyScanner`), so a body that trickles in
+    costs time linear in its length. Fds are counted across all reads: once more than
+    ``max_fds`` have come, all are closed at once. On error every received fd is closed and
+    HandshakeError says what was wrong.
     """
     body = bytearray()
     fds: list[int] = []
+    scanner = hs_mod.BodyScanner(max_depth)
     try:
         async with asyncio.timeout(timeout):
-            while not hs_mod.body_complete(bytes(body)):
-                await wait_readable(sock)
-                try:
-                    data, anc, flags, _ = sock.recvmsg(65536, ancillary_space(max_fds))
-                except (BlockingIOError, InterruptedError):
-                    continue
-                fds.extend(parse_ancillary(anc)[0])
-                if flags & socket.MSG_CTRUNC:
-                    raise HandshakeError(f"too many file descriptors: send [uffd, memfd] (at most {max_fds})")
+            while not scanner.complete:
+                data = await _read_part(sock, fds, max_fds)
                 if not data:
                     raise HandshakeError(
                         "connection closed before the handshake was complete"
@@ -130,6 +127,7 @@ async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: flo
                 body += data
                 if len(body) > max_bytes:
                     raise HandshakeError(f"handshake longer than {max_bytes} bytes")
+                scanner.feed(data)
     except TimeoutError:
         close_fds(fds)
         raise HandshakeError(
@@ -138,6 +136,23 @@ async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: flo
         close_fds(fds)
         raise
     return bytes(body), fds
+
+
+async def _read_part(sock: socket.socket, fds: list[int], max_fds: int) -> bytes:
+    """The next piece of a handshake (b"": EOF); its fds go into ``fds``, which may hold no more
+    than ``max_fds`` (the caller closes them on the error)."""
+    while True:
+        await wait_readable(sock)
+        try:
+            data, anc, flags, _ = sock.recvmsg(65536, ancillary_space(max_fds))
+        except (BlockingIOError, InterruptedError):
+            continue
+        fds.extend(parse_ancillary(anc)[0])
+        if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
+            raise HandshakeError(
+                f"too many file descriptors: more than {max_fds} came with the handshake "
+                f"(send [uffd, memfd] or [uffd]); all of them were closed")
+        return data
 
 
 async def send_line(conn: socket.socket, doc: dict[str, Any]) -> None:
