@@ -176,11 +176,17 @@ _WS = re.compile(rb"[ \t\n\r]*")
 _STRING_RUN = re.compile(rb'[^"\\\x00-\x1f]*')
 _SCALAR_RUN = re.compile(rb"[-+.0-9A-Za-z]*")
 _SCALAR = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|true|false|null")
+_WS_ = rb"[ \t\n\r]*"
+_STR_ = rb'"[^"\\\x00-\x1f]*"'
+_MEMBER_ = _STR_ + _WS_ + rb":" + _WS_ + rb"(?:" + _STR_ + rb"|" + _SCALAR.pattern + rb")" + _WS_
+_FLAT_OBJECT = re.compile(rb"\{" + _WS_ + rb"(?:" + _MEMBER_ + rb"(?:," + _WS_ + _MEMBER_ + rb")*)?\}")
+"""An object of plain strings and scalars (a region, as every VMM sends it): read in one step."""
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrtu')
 _SCALAR_START = frozenset(b"-0123456789tfn")
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _OPEN = {ord("["): ord("]"), ord("{"): ord("}")}
+
 
 def _skip(run: re.Pattern[bytes], data: bytes, i: int) -> int:
     """Where the run of bytes ``run`` matches from ``i`` ends."""
@@ -232,7 +238,7 @@ class BodyScanner:
             else:
                 i = _skip(_WS, data, i)
                 if i < n:
-                    i = self._token(data[i], i)
+                    i = self._token(data, i)
         return self.complete
 
     def _string(self, data: bytes, i: int) -> int:
@@ -278,9 +284,14 @@ class BodyScanner:
         self.expect = _COMMA_OR_CLOSE
         self.complete = not self.stack
 
-    def _token(self, c: int, i: int) -> int:
-        """One byte outside strings and scalars; returns where to go on."""
-        e = self.expect
+    def _token(self, data: bytes, i: int) -> int:
+        """The token at ``data[i]`` (outside strings and scalars); returns where to go on."""
+        c, e = data[i], self.expect
+        if c == ord("{") and e in (_VALUE, _VALUE_OR_CLOSE) and len(self.stack) < self.max_depth:
+            flat = _FLAT_OBJECT.match(data, i)
+            if flat is not None:
+                self._value_done()
+                return flat.end()
         if c in _OPEN and e in (_TOP, _VALUE, _VALUE_OR_CLOSE):
             if len(self.stack) >= self.max_depth:
                 raise HandshakeError(f"handshake nests lists and objects deeper than {self.max_depth} levels "

@@ -239,7 +239,9 @@ class Daemon:
                 "uptime_s": round(time.monotonic() - self.started, 3), "status": self.status_line(),
                 "sessions": rows, "sessions_total": lst.sessions_total, "sessions_resumed": lst.sessions_resumed,
                 "waiting_complete": sorted(lst.waiting_complete), "unresumed": sorted(lst.unresumed),
-                "handshakes_refused": lst.handshakes_refused, "fd_store": lst.store.enabled, "reloads": self.reloads}
+                "handshakes_refused": lst.handshakes_refused, "fd_store": lst.store.enabled, "reloads": self.reloads,
+                "healthy": lst.accept_error is None, "accept_error": lst.accept_error,
+                "accept_failures": lst.accept_failures}
 
 
 async def serve(config: Config, *, config_path: str | None = None, ready: asyncio.Event | None = None) -> int:

@@ -99,6 +99,16 @@ class Listener:
         return sock
 
     @property
+    def accept_failures(self) -> int:
+        """accept() calls on the VMM socket that failed."""
+        return self.server.accept_failures
+
+    @property
+    def accept_error(self) -> str | None:
+        """Why accept() on the VMM socket fails now (out of fds or buffers); None while it works."""
+        return self.server.accept_error
+
+    @property
     def connections(self) -> int:
         """VMM connections open now (each live, resumed or completed session has one)."""
         return self.server.connections

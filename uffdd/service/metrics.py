@@ -70,6 +70,10 @@ def _service_families(lst: Listener, stats: list[SessionStats], live: int) -> It
     yield CounterMetricFamily("uffdd_sessions_resumed", "Sessions taken over from a predecessor via the fd store",
                               value=lst.sessions_resumed)
     yield CounterMetricFamily("uffdd_handshakes_refused", "Handshakes refused", value=lst.handshakes_refused)
+    yield CounterMetricFamily("uffdd_accept_failures", "accept() calls on the VMM socket that failed",
+                              value=lst.accept_failures)
+    yield GaugeMetricFamily("uffdd_accept_failing", "1 while accept() on the VMM socket fails for want of fds or "
+                            "buffers (no VMM can connect)", value=0 if lst.accept_error is None else 1)
     yield GaugeMetricFamily("uffdd_sessions_unresumed", "Stored sessions that could not be resumed (guests wait)",
                             value=len(lst.unresumed))
     errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])

@@ -297,6 +297,7 @@ def _report(spec: VmmSpec, vm: _StandIn, work: _Workload, elapsed: float, wrong:
         "prepopulated": vm.prepopulated, "elapsed_s": elapsed,
         "faults_per_s": len(all_ns) / elapsed if elapsed > 0 else 0.0,
         "p50_us": _quantile(all_ns, 0.5), "p99_us": _quantile(all_ns, 0.99),
+        "max_us": all_ns[-1] / 1000.0 if all_ns else 0.0,
         "pages_checked": checked, "verify_only_touched": spec.verify_only_touched,
         "wrong_pages": len(wrong), "wrong_sample": wrong[:16], "session": answer.get("session"),
         "zero_pages": len(work.zero_pages), "vcpu_tids": work.tids, **final, "unmapped": len(work.unmapped),
