@@ -244,3 +244,77 @@ def test_fd_flood_fails_the_health_check_and_a_new_vmm_is_served_within_1s_after
     finally:
         flood.stop()
         guest.kill()
+
+
+def _live_guest(d: DaemonProcess, snapshot: Path, size: int = 8 * MIB, vm_id: str = "healthy") -> VmmProcess:
+    """A healthy guest whose session is up before the test goes on (its vCPUs start a second
+    after its ready line, while the test does what it does)."""
+    from tests.test_service import logged
+
+    guest = VmmProcess(VmmSpec(socket=d.socket, snapshot=str(snapshot), region_sizes=[size], threads=2,
+                               vm_id=vm_id, timeout=60, start_delay=1.0))
+    wait_until(lambda: logged(d, "session_start"), what="the healthy guest's session")
+    return guest
+
+
+def _right_bytes(guest: VmmProcess) -> None:
+    res = guest.result(60)
+    assert res["returncode"] == 0 and res["wrong_pages"] == 0, res
+
+
+def test_connections_beyond_max_pending_handshakes_get_an_error_line_at_once(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
+    from uffdd.service.control import query
+
+    d = daemon_process(handshake={"timeout": 60, "max_pending": 4})
+    guest = _live_guest(d, snapshot_4k)
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.socket)
+            silent.append(s)
+        wait_until(lambda: query(str(tmp_path / "d.ctl"))["handshakes_pending"] == 4, what="4 handshakes pending")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.connect(d.socket)
+            extra.settimeout(10)  # far below the 60 s handshake timeout
+            line = extra.makefile("rb").readline()
+            assert extra.recv(1) == b""  # closed at once
+        assert b"too many handshakes in progress" in line and b"handshake.max_pending = 4" in line, line
+        _right_bytes(guest)
+        silent.pop().close()  # a slot is free again: a new VMM is served
+        _right_bytes(VmmProcess(VmmSpec(socket=d.socket, snapshot=str(snapshot_4k), region_sizes=[4 * MIB],
+                                        threads=2, vm_id="next", timeout=60)))
+    finally:
+        for s in silent:
+            s.close()
+        guest.kill()
+
+
+def test_sessions_and_guest_bytes_beyond_the_limits_are_refused_naming_the_setting(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
+    from uffdd.service.control import query
+
+    d = daemon_process(limits={"max_sessions": 2, "max_mapped_bytes": "12MiB"})
+    guest = _live_guest(d, snapshot_4k, size=8 * MIB)
+    others: list[VmmProcess] = []
+    try:
+        def vmm(size: int, vm_id: str, start_delay: float = 0.0) -> VmmProcess:
+            others.append(VmmProcess(VmmSpec(socket=d.socket, snapshot=str(snapshot_4k), region_sizes=[size],
+                                             threads=2, vm_id=vm_id, timeout=60, start_delay=start_delay)))
+            return others[-1]
+
+        too_big = vmm(8 * MIB, "too-big").result(60)
+        assert too_big["stage"] == "handshake" and "limits.max_mapped_bytes" in str(too_big["error"]), too_big
+        fits = vmm(4 * MIB, "fits", start_delay=30)  # 8 + 4 MiB: exactly the limit
+        wait_until(lambda: query(str(tmp_path / "d.ctl"))["mapped_bytes"] == 12 * MIB, what="12 MiB admitted")
+        third = vmm(4096, "third").result(60)
+        assert third["stage"] == "handshake" and "limits.max_sessions" in str(third["error"]), third
+        _right_bytes(guest)
+        fits.kill()  # its session ends: room for one more
+        wait_until(lambda: query(str(tmp_path / "d.ctl"))["mapped_bytes"] == 0, what="every session released")
+        _right_bytes(vmm(8 * MIB, "after"))
+    finally:
+        for v in others:
+            v.kill()
+        guest.kill()

@@ -70,6 +70,10 @@ def _service_families(lst: Listener, stats: list[SessionStats], live: int) -> It
     yield CounterMetricFamily("uffdd_sessions_resumed", "Sessions taken over from a predecessor via the fd store",
                               value=lst.sessions_resumed)
     yield CounterMetricFamily("uffdd_handshakes_refused", "Handshakes refused", value=lst.handshakes_refused)
+    yield GaugeMetricFamily("uffdd_handshakes_pending", "Handshakes being read or checked now (handshake.max_pending)",
+                            value=lst.handshakes_pending)
+    yield GaugeMetricFamily("uffdd_mapped_bytes", "Guest memory of the sessions admitted (limits.max_mapped_bytes)",
+                            value=lst.mapped_bytes)
     yield CounterMetricFamily("uffdd_accept_failures", "accept() calls on the VMM socket that failed",
                               value=lst.accept_failures)
     yield GaugeMetricFamily("uffdd_accept_failing", "1 while accept() on the VMM socket fails for want of fds or "
