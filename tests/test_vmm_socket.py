@@ -200,13 +200,16 @@ class Flood:
 
 def test_fd_flood_fails_the_health_check_and_a_new_vmm_is_served_within_1s_after_it(
         daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
-    """The daemon runs with RLIMIT_NOFILE 256; a healthy guest faults while the flood holds."""
+    """The daemon runs with RLIMIT_NOFILE 256 and takes 1000 pending handshakes (64, the default,
+    keeps such a flood from reaching the limit); a healthy guest faults while the flood holds."""
     import time
 
-    from tests.test_service import _uffdd, logged
+    from tests.test_service import _free_port, _uffdd, logged, scrape_until
     from uffdd.service.control import query
 
-    d = daemon_process(nofile=256, handshake={"timeout": 60})
+    port = _free_port()
+    d = daemon_process(nofile=256, handshake={"timeout": 60, "max_pending": 1000},
+                       metrics={"listen": f"127.0.0.1:{port}"})
     ctl = str(tmp_path / "d.ctl")
     guest = VmmProcess(VmmSpec(socket=d.socket, snapshot=str(snapshot_4k), region_sizes=[8 * MIB], threads=2,
                                vm_id="healthy", timeout=60, start_delay=1.0))
@@ -240,6 +243,8 @@ def test_fd_flood_fails_the_health_check_and_a_new_vmm_is_served_within_1s_after
         lines = [e for e in d.log_lines() if e["event"] == "accept_failed"]
         assert 1 <= len(lines) < doc["accept_failures"]  # one retry every 0.1 s, a line at most every 10 s
         assert logged(d, "accept_recovered")
+        text = scrape_until(port, "uffdd_accept_failing 0.0")
+        assert f"uffdd_accept_failures_total {float(doc['accept_failures'])}" in text
         assert d.proc.poll() is None
     finally:
         flood.stop()
@@ -317,4 +322,26 @@ def test_sessions_and_guest_bytes_beyond_the_limits_are_refused_naming_the_setti
     finally:
         for v in others:
             v.kill()
+        guest.kill()
+
+
+def test_a_flood_of_silent_connections_within_the_default_max_pending_never_exhausts_the_fds(
+        daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
+    """RLIMIT_NOFILE 256, 400 silent connections: 64 wait for their handshake timeout, the rest
+    are refused at once, and accepting never fails."""
+    from uffdd.service.control import query
+
+    d = daemon_process(nofile=256, handshake={"timeout": 60})
+    ctl = str(tmp_path / "d.ctl")
+    guest = _live_guest(d, snapshot_4k)
+    flood = Flood(d.socket)
+    try:
+        while len(flood.socks) < 400:
+            flood.more()
+        wait_until(lambda: query(ctl)["handshakes_refused"] == len(flood.socks) - 64, what="all but 64 refused")
+        doc = query(ctl)
+        assert doc["healthy"] and doc["accept_failures"] == 0 and doc["handshakes_pending"] == 64, doc
+        _right_bytes(guest)
+    finally:
+        flood.stop()
         guest.kill()

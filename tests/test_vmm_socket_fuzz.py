@@ -85,10 +85,11 @@ def one_case(path: str, body: bytes, kinds: list[str], cuts: list[int], fds_at: 
     """Send ``body`` in pieces (the fds with piece ``fds_at``), hang up our side, and return the
     daemon's first line."""
     with contextlib.ExitStack() as held:
+        # The memory first: every userfaultfd that may be registered on it is closed before it
+        # is unmapped (an UNMAP event would wait for a reader that has gone).
+        body, valid_fds = _valid_body(held) if body == VALID else (body, [])
         fds = [_open_fd(k, held) for k in kinds]
-        if body == VALID:
-            body, valid_fds = _valid_body(held)
-            fds = valid_fds if kinds == ["uffd", "memfd"] else fds
+        fds = valid_fds if valid_fds and kinds == ["uffd", "memfd"] else fds
         edges = sorted({0, len(body), *(c for c in cuts if c < len(body))})
         pieces = [body[a:b] for a, b in itertools.pairwise(edges)] or [b""]
         s = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))

@@ -236,8 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     st_where.add_argument("-c", "--config", help="find the control socket through this config file")
     st_where.add_argument("--socket", help="control socket path (default /run/uffdd/uffdd.ctl)")
     st.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
-    st.add_argument("-q", "--quiet", action="store_true",
-                    help="print nothing: exit 0 if the daemon answers and every listener accepts")
+    st.add_argument("-q", "--quiet", action="store_true", help="print nothing: exit 0 if the daemon is healthy")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     st.set_defaults(func=_cmd_status)
     sec = sub.add_parser("secret", help="make a strong shared secret for `uffdd serve` and `kind: peer`")
