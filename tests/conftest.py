@@ -205,11 +205,18 @@ class DaemonProcess:
         return self.proc.returncode
 
 
+def _limit_fds(n: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 @pytest.fixture
 def daemon_process(tmp_path: Path, snapshot_4k: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(extra_env: dict[str, str] | None = None, **config_extra: Any) -> DaemonProcess:
+    def start(extra_env: dict[str, str] | None = None, nofile: int | None = None, **config_extra: Any) -> DaemonProcess:
+        """``nofile``: the daemon's RLIMIT_NOFILE (an fd flood then reaches it quickly)."""
         sock = str(tmp_path / "d.sock")
         cfg: dict[str, Any] = {"listen": sock, "sources": {"default": {"kind": "file", "path": str(snapshot_4k)}},
                                "log": {"format": "json", "level": "info"}, "workers": 1}
@@ -220,7 +227,8 @@ def daemon_process(tmp_path: Path, snapshot_4k: Path) -> Iterator[Callable[..., 
         env = {**os.environ, **(extra_env or {})}
         with open(log_path, "wb") as log_fh:
             proc = subprocess.Popen([sys.executable, "-m", "uffdd", "run", "-c", str(cfg_path)],
-                                    stdout=log_fh, stderr=subprocess.STDOUT, env=env)
+                                    stdout=log_fh, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=None if nofile is None else lambda: _limit_fds(nofile))
         d = DaemonProcess(proc=proc, socket=sock, log_path=log_path)
         started.append(d)
         with contextlib.suppress(NotYet):

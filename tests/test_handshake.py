@@ -13,8 +13,10 @@ from uffdd.errors import HandshakeError
 from uffdd.handshake import (
     DEFAULT_SOURCE,
     DEFAULT_VM_ID,
+    MAX_DEPTH,
     PAGE_SIZES,
     VM_ID_RE,
+    BodyScanner,
     Handshake,
     RegionSpec,
     body_complete,
@@ -339,6 +341,91 @@ def test_body_complete_tells_a_truncated_body_from_a_finished_or_hopeless_one(ra
     assert body_complete(raw) is complete
 
 
+# --- BodyScanner: the same answers, one read at a time -----------------------------------------
+
+SCANNED_BODIES = [
+    b'[{"base_host_virt_addr": 4096, "size": 8192, "offset": 0, "page_size": 4096}]',
+    b'{"vm_id": "vm-1", "source": "s", "regions": [{"size": 1, "offset": -0.5e+3, "x": [true, false, null]}]}',
+    b'{"vm_id": "a]}[{,:", "source": "\\"]\\\\", "regions": []}',
+    b'{"vm_id": "\\u00e9\\u005D\\/\\n", "regions": [[], {}, [[{}]]]}',
+    b' \n\t[ 1 , 2 ]',
+]
+
+
+def scanned_whole_at(raw: bytes, pieces: list[bytes]) -> int:
+    """How many pieces the scanner took to find ``raw`` complete (-1: never)."""
+    scanner = BodyScanner()
+    for k, piece in enumerate(pieces):
+        if scanner.feed(piece):
+            return k
+    return -1
+
+
+@pytest.mark.parametrize("raw", SCANNED_BODIES)
+def test_scanner_split_at_every_byte_finds_the_body_complete_only_with_its_last_byte(raw: bytes) -> None:
+    json.loads(raw)
+    for i in range(len(raw) + 1):
+        assert scanned_whole_at(raw, [raw[:i], raw[i:]]) == (1 if i < len(raw) else 0), f"split at {i}"
+    assert scanned_whole_at(raw, [raw[i : i + 1] for i in range(len(raw))]) == len(raw) - 1
+
+
+@pytest.mark.parametrize("raw", SCANNED_BODIES)
+def test_scanner_agrees_with_body_complete_on_every_prefix(raw: bytes) -> None:
+    for i in range(len(raw) + 1):
+        one_read = body_complete(raw[:i])
+        byte_by_byte = BodyScanner()
+        assert any([byte_by_byte.feed(raw[j : j + 1]) for j in range(i)]) is one_read is (i == len(raw))
+
+
+@pytest.mark.parametrize(("raw", "ends_at"), [
+    (b'["]"]', 4),           # a bracket inside a string closes nothing
+    (b'["\\"]"]', 6),       # nor does an escaped quote end the string
+    (b'["\\\\"]', 5),      # an escaped backslash does not escape the quote after it
+    (b'{"[": "{"}', 9),
+    (b'[1,,2]', 3),          # hopeless at the second comma: parse() names it
+    (b'[1}', 2),
+    (b'["a\nb"]', 3),       # a raw control character inside a string
+    (b'["\\x"]', 3),        # an escape JSON does not have
+    (b'["\\u12g4"]', 6),
+    (b'[tru]', 4),
+    (b'x', 0),
+    (b'"top"', 0),           # a handshake is a list or an object
+    (b'[1] [2]', 2),
+])
+def test_scanner_ends_where_the_body_closes_or_turns_hopeless(raw: bytes, ends_at: int) -> None:
+    pieces = [raw[i : i + 1] for i in range(len(raw))]
+    assert scanned_whole_at(raw, pieces) == ends_at
+
+
+def test_scanner_refuses_nesting_deeper_than_the_limit_naming_it() -> None:
+    assert BodyScanner().feed(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)
+    assert BodyScanner().feed(b'{"a": ' * (MAX_DEPTH - 1) + b"[]" + b"}" * (MAX_DEPTH - 1))
+    scanner = BodyScanner()
+    assert not scanner.feed(b"[" * MAX_DEPTH)
+    with pytest.raises(HandshakeError, match=f"deeper than {MAX_DEPTH} levels"):
+        scanner.feed(b"{")
+    with pytest.raises(HandshakeError, match="deeper than 3 levels"):
+        BodyScanner(max_depth=3).feed(b'{"regions": [[[1]]]}')
+
+
+def test_scanner_looks_at_each_byte_once_so_a_trickled_megabyte_is_not_quadratic() -> None:
+    """Fed 4 bytes at a time, a 1 MiB prefix costs about what it costs in one read."""
+    import time
+
+    item = b'{"base_host_virt_addr": 4096, "size": 8192, "offset": 0, "page_size": 4096}, '
+    raw = b'{"vm_id": "x", "regions": [' + item * ((1 << 20) // len(item))
+    t0 = time.perf_counter()
+    assert not BodyScanner().feed(raw)
+    whole = time.perf_counter() - t0
+    scanner = BodyScanner()
+    t0 = time.perf_counter()
+    for i in range(0, len(raw), 4):
+        assert not scanner.feed(raw[i : i + 4])
+    trickled = time.perf_counter() - t0
+    assert scanner.depth == 2
+    assert trickled < 3 * whole + 2.0, (trickled, whole)
+
+
 # --- properties -----------------------------------------------------------------------------------
 
 vm_ids = st.from_regex(VM_ID_RE, fullmatch=True)
@@ -381,6 +468,8 @@ def firecracker_body(hs: Handshake) -> bytes:
 def assert_complete_only_when_whole(raw: bytes) -> None:
     for i in range(len(raw)):
         assert not body_complete(raw[:i]), f"prefix {raw[:i]!r} taken for a complete body"
+        if i % 5 == 0:  # (every position: test_scanner_split_at_every_byte_...)
+            assert scanned_whole_at(raw, [raw[:i], raw[i:]]) == 1, f"split at {i}"
     assert body_complete(raw)
 
 

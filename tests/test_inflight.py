@@ -27,7 +27,7 @@ from tests.supervisor import Supervisor
 from tests.test_restart import log_events, supervised
 from tests.test_workers import only_sockets_stored
 from uffdd.service.control import query
-from uffdd.service.inflight import SO_PEEK_OFF, peek_handshake
+from uffdd.service.inflight import PEEK_LIMIT, SO_PEEK_OFF, peek_handshake
 from uffdd.service.supervisor.notify import same_file
 from uffdd.testing import VmmProcess, VmmSpec
 from uffdd.testing.waiting import eventually, wait_until
@@ -266,3 +266,16 @@ def test_a_handover_during_a_handshake_leaves_it_to_the_next_start(tmp_path: Pat
         assert guest_is_whole(res), res
     events = [e.get("event") for e in log_events(tmp_path)]
     assert "handshake_resumed" in events and "handshake_refused" not in events
+
+
+def test_a_handshake_too_long_to_peek_is_read_for_real_and_served(
+        daemon_process: Callable[..., Any], snapshot_4k: Path) -> None:
+    """Peeked bytes stay queued and a stream socket queues only so much: a valid handshake of
+    150 KiB (leading whitespace) would never fit. Past PEEK_LIMIT it is read for real (its fds
+    not doubled) and the guest is served with every byte right; the log says it was not durable."""
+    d = daemon_process(session={"fault_around": 0, "prefetch": {"enabled": False}})
+    res = VmmProcess(VmmSpec(socket=d.socket, snapshot=str(snapshot_4k), region_sizes=[4 << 20], threads=2,
+                             body_padding=150 << 10)).result(60)
+    assert res["wrong_pages"] == 0 and res["returncode"] == 0, res
+    d.stop()
+    assert [e["bytes"] >= PEEK_LIMIT for e in d.log_lines() if e["event"] == "handshake_not_durable"] == [True]

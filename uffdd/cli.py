@@ -66,11 +66,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         doc["sessions"].extend({**row, "worker": w["index"], "session": f"w{w['index']}.{row['session']}"}
                                for row in sub["sessions"])
         doc["unresumed"] = doc.get("unresumed", []) + [f"w{w['index']}.{sid}" for sid in sub.get("unresumed", [])]
+        w["accept_error"] = sub.get("accept_error") if sub.get("healthy") is False else None
+    unhealthy = [doc.get("accept_error")] if doc.get("healthy") is False else []
+    unhealthy += [f"worker {w['index']}: {w['accept_error']}" for w in doc.get("workers", []) if w.get("accept_error")]
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
     if args.quiet:
-        return 0
+        return 1 if unhealthy else 0
     from rich.console import Console
     from rich.table import Table
 
@@ -88,7 +91,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     if doc.get("unresumed"):
         console.print(f"[red]not resumed (waiting in the fd store): {', '.join(doc['unresumed'])}[/]")
-    return 0
+    for why in unhealthy:
+        console.print(f"[red]unhealthy: no VMM can connect, accept() fails: {why}[/]")
+    return 1 if unhealthy else 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -256,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     st_where.add_argument("-c", "--config", help="find the control socket through this config file")
     st_where.add_argument("--socket", help="control socket path (default /run/uffdd/uffdd.ctl)")
     st.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
-    st.add_argument("-q", "--quiet", action="store_true", help="print nothing: exit 0 if the daemon answers")
+    st.add_argument("-q", "--quiet", action="store_true", help="print nothing: exit 0 if the daemon is healthy")
     st.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     st.set_defaults(func=_cmd_status)
     sec = sub.add_parser("secret", help="make a strong shared secret for `uffdd serve` and `kind: peer`")

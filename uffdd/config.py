@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
 from uffdd.configbase import StrictModel, describe_validation_error, parse_hostport, read_yaml, validate
 from uffdd.errors import ConfigError
@@ -46,6 +46,19 @@ class HandshakeConfig(StrictModel):
     """Seconds a VMM has to send the whole handshake after connecting."""
     max_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     """Largest handshake body accepted."""
+    max_pending: int = Field(default=64, ge=1, le=65536)
+    """Handshakes in progress at once in one process (each worker); a connection beyond them gets
+    an error line and is closed at once."""
+
+
+class LimitsConfig(StrictModel):
+    """What one process (each worker) takes on at once; unset: no limit."""
+
+    max_sessions: int | None = Field(default=None, ge=1)
+    """Sessions served at once; a handshake beyond them is refused."""
+    max_mapped_bytes: ByteSize | None = Field(default=None, ge=4096)
+    """Guest memory (the sum of the sessions' regions) under management at once, e.g. 64GiB; a
+    handshake that would pass it is refused."""
 
 
 class PrefetchConfig(StrictModel):
@@ -133,6 +146,7 @@ class Config(StrictModel):
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     handshake: HandshakeConfig = HandshakeConfig()
+    limits: LimitsConfig = LimitsConfig()
     session: SessionConfig = SessionConfig()
     control: ControlConfig = ControlConfig()
     shutdown: ShutdownConfig = ShutdownConfig()

@@ -14,10 +14,12 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -31,8 +33,14 @@ log = structlog.get_logger("uffdd.unixsock")
 
 FD_SIZE = array.array("i").itemsize
 UCRED = struct.Struct("iII")  # pid, uid, gid
+HANDSHAKE_READ = 16384
+"""Bytes of a handshake read (and scanned) at once: the event loop gets a turn between reads."""
 ACCEPT_RETRY_S = 0.1
 """After a failed accept() (EMFILE, ENOBUFS), the next try comes this much later."""
+ACCEPT_LOG_EVERY_S = 10.0
+"""While accept() keeps failing, one log line per this many seconds (with the count meanwhile)."""
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""accept() failures that leave the server unable to take any connection until they pass."""
 
 
 # --- descriptors and ancillary data ------------------------------------------------------------
@@ -91,24 +99,21 @@ async def wait_readable(sock: socket.socket) -> None:
 # --- the VMM handshake -------------------------------------------------------------------------
 
 async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: float,
-                            max_fds: int = 2) -> tuple[bytes, list[int]]:
+                            max_fds: int = 2, max_depth: int = hs_mod.MAX_DEPTH) -> tuple[bytes, list[int]]:
     """Read one handshake: a JSON body that may span several reads, plus SCM_RIGHTS fds.
 
-    On error every received fd is closed and HandshakeError says what was wrong.
+    Each read is scanned once (:class:`uffdd.handshake.BodyScanner`), so a body that trickles in
+    costs time linear in its length. Fds are counted across all reads: once more than
+    ``max_fds`` have come, all are closed at once. On error every received fd is closed and
+    HandshakeError says what was wrong.
     """
     body = bytearray()
     fds: list[int] = []
+    scanner = hs_mod.BodyScanner(max_depth)
     try:
         async with asyncio.timeout(timeout):
-            while not hs_mod.body_complete(bytes(body)):
-                await wait_readable(sock)
-                try:
-                    data, anc, flags, _ = sock.recvmsg(65536, ancillary_space(max_fds))
-                except (BlockingIOError, InterruptedError):
-                    continue
-                fds.extend(parse_ancillary(anc)[0])
-                if flags & socket.MSG_CTRUNC:
-                    raise HandshakeError(f"too many file descriptors: send [uffd, memfd] (at most {max_fds})")
+            while not scanner.complete:
+                data = await _read_part(sock, fds, max_fds)
                 if not data:
                     raise HandshakeError(
                         "connection closed before the handshake was complete"
@@ -116,6 +121,7 @@ async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: flo
                 body += data
                 if len(body) > max_bytes:
                     raise HandshakeError(f"handshake longer than {max_bytes} bytes")
+                scanner.feed(data)
     except TimeoutError:
         close_fds(fds)
         raise HandshakeError(
@@ -124,6 +130,23 @@ async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: flo
         close_fds(fds)
         raise
     return bytes(body), fds
+
+
+async def _read_part(sock: socket.socket, fds: list[int], max_fds: int) -> bytes:
+    """The next piece of a handshake (b"": EOF); its fds go into ``fds``, which may hold no more
+    than ``max_fds`` (the caller closes them on the error)."""
+    while True:
+        await wait_readable(sock)
+        try:
+            data, anc, flags, _ = sock.recvmsg(HANDSHAKE_READ, ancillary_space(max_fds))
+        except (BlockingIOError, InterruptedError):
+            continue
+        fds.extend(parse_ancillary(anc)[0])
+        if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
+            raise HandshakeError(
+                f"too many file descriptors: more than {max_fds} came with the handshake "
+                f"(send [uffd, memfd] or [uffd]); all of them were closed")
+        return data
 
 
 async def send_line(conn: socket.socket, doc: dict[str, Any]) -> None:
@@ -179,6 +202,13 @@ class UnixServer:
         self._group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._accepting: asyncio.Task[None] | None = None
+        self.accept_failures = 0
+        """accept() calls that failed, ever."""
+        self.accept_error: str | None = None
+        """Why the last accept() failed, while that was for want of fds or buffers (the server
+        takes no connection then); None once one succeeds."""
+        self._failures_unlogged = 0
+        self._logged_at = -ACCEPT_LOG_EVERY_S
 
     async def open(self) -> None:
         """Open the task group (idempotent)."""
@@ -206,11 +236,28 @@ class UnixServer:
             try:
                 conn = await self._accept(sock)
             except OSError as exc:  # out of fds or buffers: keep the socket, the backlog waits
-                log.error("accept_failed", server=self.name, error=str(exc))
+                self._accept_failed(exc)
                 await asyncio.sleep(ACCEPT_RETRY_S)
                 continue
+            if self.accept_error is not None:
+                log.warning("accept_recovered", server=self.name, failures=self.accept_failures)
+                self.accept_error = None
             conn.setblocking(False)
             self.spawn(self.handler, conn)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Count the failure; log it at most once per ACCEPT_LOG_EVERY_S (not once per retry)."""
+        self.accept_failures += 1
+        self.accept_error = str(exc) if exc.errno in OUT_OF_RESOURCES else None
+        now = time.monotonic()
+        if now - self._logged_at < ACCEPT_LOG_EVERY_S:
+            self._failures_unlogged += 1
+            return
+        log.error("accept_failed", server=self.name, error=str(exc), failures=self.accept_failures,
+                  not_logged_since_last_line=self._failures_unlogged,
+                  hint=f"retrying every {ACCEPT_RETRY_S:g}s; logged at most every {ACCEPT_LOG_EVERY_S:g}s")
+        self._logged_at = now
+        self._failures_unlogged = 0
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> asyncio.Task[None]:
         """Run ``fn(*args)`` as one more connection of the group (counted from now on: a worker

@@ -270,7 +270,10 @@ class Daemon:
                 "sessions": rows, "sessions_total": lst.sessions_total, "sessions_resumed": lst.sessions_resumed,
                 "waiting_complete": sorted(lst.waiting_complete), "unresumed": sorted(lst.unresumed),
                 "handshakes_refused": lst.handshakes_refused, "handshakes_resumed": lst.handshakes_resumed,
-                "fd_store": lst.store.enabled, "reloads": self.reloads}
+                "fd_store": lst.store.enabled, "reloads": self.reloads,
+                "healthy": lst.accept_error is None, "accept_error": lst.accept_error,
+                "accept_failures": lst.accept_failures, "handshakes_pending": lst.handshakes_pending,
+                "mapped_bytes": lst.mapped_bytes}
 
 
 async def serve(config: Config, *, config_path: str | None = None, ready: asyncio.Event | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
 import socket
 
@@ -33,13 +34,23 @@ import structlog
 
 from uffdd import handshake as hs_mod
 from uffdd.errors import HandshakeError
-from uffdd.unixsock import ancillary_space, close_fds, parse_ancillary, receive_handshake, wait_readable
+from uffdd.unixsock import (
+    HANDSHAKE_READ,
+    ancillary_space,
+    close_fds,
+    parse_ancillary,
+    receive_handshake,
+    wait_readable,
+)
 
 log = structlog.get_logger("uffdd.inflight")
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 """Linux's value; Python's socket module does not name it."""
-PEEK_CHUNK = 65536
+PEEK_LIMIT = 64 << 10
+"""Peeked bytes stay queued, and a stream socket queues only so much (the sender's buffer, about
+200 KiB): a handshake still incomplete after this many bytes is read for real from there on. It
+is then not durable, but never stuck. Real handshakes are a few KiB."""
 
 
 async def accept_at_once(sock: socket.socket) -> socket.socket:
@@ -79,47 +90,104 @@ class _Arrivals:
 
 
 async def peek_handshake(sock: socket.socket, *, max_bytes: int, timeout: float,
-                         max_fds: int = 2) -> tuple[bytes, list[int]]:
+                         max_fds: int = 2, max_depth: int = hs_mod.MAX_DEPTH) -> tuple[bytes, list[int]]:
     """Read one handshake like :func:`uffdd.unixsock.receive_handshake`, but leave it queued on
     ``sock`` (see the module docstring). The fds returned are copies this process owns; on error
     they are closed and HandshakeError says what was wrong."""
-    body = bytearray()
-    fds: list[int] = []
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)  # from the start, whatever a predecessor peeked
     except OSError as exc:  # a kernel without it for Unix sockets: read as before, not durable
         log.warning("handshake_not_durable", error=str(exc), hint="SO_PEEK_OFF is needed on Unix sockets")
-        return await receive_handshake(sock, max_bytes=max_bytes, timeout=timeout, max_fds=max_fds)
-    arrivals = _Arrivals(sock)
+        return await receive_handshake(sock, max_bytes=max_bytes, timeout=timeout, max_fds=max_fds,
+                                       max_depth=max_depth)
+    reader = _Reader(sock, max_fds, max_depth)
     try:
         async with asyncio.timeout(timeout):
-            while not hs_mod.body_complete(bytes(body)):
-                try:
-                    data, anc, flags, _ = sock.recvmsg(PEEK_CHUNK, ancillary_space(max_fds), socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    await arrivals.wait()
-                    continue
-                fds.extend(parse_ancillary(anc)[0])
-                _check_piece(data, flags, body, max_fds)
-                body += data
-                if len(body) > max_bytes:
-                    raise HandshakeError(f"handshake longer than {max_bytes} bytes")
+            await reader.run(max_bytes)
     except TimeoutError:
-        close_fds(fds)
-        raise HandshakeError(f"no complete handshake within {timeout:g}s (got {len(body)} bytes)") from None
+        close_fds(reader.fds)
+        raise HandshakeError(f"no complete handshake within {timeout:g}s (got {len(reader.body)} bytes)") from None
     except BaseException:
-        close_fds(fds)
+        close_fds(reader.fds)
         raise
     finally:
-        arrivals.close()
+        reader.close()
+    return bytes(reader.body), reader.fds
+
+
+class _Reader:
+    """One handshake, peeked while it is small, read for real past :data:`PEEK_LIMIT`."""
+
+    def __init__(self, sock: socket.socket, max_fds: int, max_depth: int) -> None:
+        self.sock = sock
+        self.max_fds = max_fds
+        self.body = bytearray()
+        self.fds: list[int] = []
+        self.scanner = hs_mod.BodyScanner(max_depth)  # each byte scanned once, however it trickles in
+        self.flags: int = socket.MSG_PEEK
+        self._mid_message = False
+        self.arrivals = _Arrivals(sock)
+
+    async def run(self, max_bytes: int) -> None:
+        while not self.scanner.complete:
+            try:
+                data, anc, flags, _ = self.sock.recvmsg(HANDSHAKE_READ, ancillary_space(self.max_fds), self.flags)
+            except (BlockingIOError, InterruptedError):
+                await self.arrivals.wait()
+                continue
+            self._add_fds(parse_ancillary(anc)[0])
+            self._mid_message = bool(self.flags) and len(data) == HANDSHAKE_READ and bool(self.fds)
+            _check_piece(data, flags, self.body, self.fds, self.max_fds)
+            self.body += data
+            if len(self.body) > max_bytes:
+                raise HandshakeError(f"handshake longer than {max_bytes} bytes")
+            self.scanner.feed(data)
+            if self.flags and len(self.body) >= PEEK_LIMIT and not self.scanner.complete:
+                self._read_for_real()
+            await asyncio.sleep(0)  # a long body does not hold the event loop: faults go between reads
+
+    def _add_fds(self, got: list[int]) -> None:
+        """Keep the fds a read brought. A peek that goes on inside the message that carried fds
+        (the last peek filled its buffer) brings copies of them again: those are closed, not
+        counted. Fds that come with a new message always count."""
+        if got and self._mid_message and len(self.fds) >= len(got) and _files(got) == _files(self.fds[-len(got):]):
+            close_fds(got)
+            return
+        self.fds.extend(got)
+
+    def _read_for_real(self) -> None:
+        """Consume what was peeked (its fds again: dropped, the copies are held) and read on."""
+        log.warning("handshake_not_durable", bytes=len(self.body),
+                    hint=f"a handshake over {PEEK_LIMIT} bytes is read, not peeked")
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
+        left = len(self.body)
+        while left:
+            data, anc, _, _ = self.sock.recvmsg(min(left, HANDSHAKE_READ), ancillary_space(self.max_fds))
+            close_fds(parse_ancillary(anc)[0])
+            if not data:
+                raise HandshakeError("connection closed before the handshake was complete")
+            left -= len(data)
+        self.flags = 0
+
+    def close(self) -> None:
+        self.arrivals.close()
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
-    return bytes(body), fds
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
 
 
-def _check_piece(data: bytes, flags: int, body: bytearray, max_fds: int) -> None:
-    if flags & socket.MSG_CTRUNC:
-        raise HandshakeError(f"too many file descriptors: send [uffd, memfd] (at most {max_fds})")
+def _files(fds: list[int]) -> list[tuple[int, int]]:
+    out = []
+    for fd in fds:
+        st = os.fstat(fd)
+        out.append((st.st_dev, st.st_ino))
+    return out
+
+
+def _check_piece(data: bytes, flags: int, body: bytearray, fds: list[int], max_fds: int) -> None:
+    if flags & socket.MSG_CTRUNC or len(fds) > max_fds:  # counted over all the reads: closed by the caller
+        raise HandshakeError(
+            f"too many file descriptors: more than {max_fds} came with the handshake "
+            f"(send [uffd, memfd] or [uffd]); all of them were closed")
     if not data:
         raise HandshakeError("connection closed before the handshake was complete"
                              if body else "connection closed without a handshake")

@@ -87,6 +87,11 @@ class Listener:
         self.ended_totals = SessionStats()
         self.totals = Totals()
         self.handshakes_refused = 0
+        self.handshakes_pending = 0
+        """Connections whose handshake is being read or checked now (``handshake.max_pending``)."""
+        self._charged: dict[str, int] = {}
+        """Guest bytes of every session admitted (live, resumed or being set up), by session id:
+        what ``limits`` counts."""
         self.resume_failures = 0
         self.store_failures = 0
         self.handing_over = False
@@ -107,6 +112,16 @@ class Listener:
         self._sock = sock
         self.store.store_listener(sock.fileno())
         return sock
+
+    @property
+    def accept_failures(self) -> int:
+        """accept() calls on the VMM socket that failed."""
+        return self.server.accept_failures
+
+    @property
+    def accept_error(self) -> str | None:
+        """Why accept() on the VMM socket fails now (out of fds or buffers); None while it works."""
+        return self.server.accept_error
 
     @property
     def connections(self) -> int:
@@ -178,31 +193,61 @@ class Listener:
             log.error("fd_store_failed", session=sid, hint="a restart now loses this VMM")
         return conn
 
+    @property
+    def mapped_bytes(self) -> int:
+        """Guest memory under management: the regions of every admitted session."""
+        return sum(self._charged.values())
+
     async def _serve_connection(self, conn: socket.socket) -> None:
         await self._serve_handshake(conn, self._accepted.pop(conn, "") or f"s{next(self._ids)}")
 
     async def _serve_handshake(self, conn: socket.socket, session_id: str) -> None:
         """Handshake, then the session; a refused VMM gets the error line (and leaves the store)."""
         cred = peer_cred(conn)
+        limit = self.config.handshake.max_pending
+        if self.handshakes_pending >= limit:
+            await self._refuse(conn, session_id, cred, HandshakeError(
+                f"too many handshakes in progress: {self.handshakes_pending}, the limit "
+                f"(handshake.max_pending = {limit}); try again later"))
+            return
+        self.handshakes_pending += 1
         try:
             session, uffd_fd = await self._handshake(conn, session_id, cred)
         except (UffddError, OSError) as exc:  # KernelError is an OSError: all get the error line
-            self.handshakes_refused += 1
-            log.warning("handshake_refused", session=session_id, error=str(exc), **cred.fields())
-            self.store.remove(session_id, ("conn",))
-            await send_line(conn, {"error": str(exc)})
-            conn.close()
+            await self._refuse(conn, session_id, cred, exc)
             return
         except BaseException:
             if not self.handing_over:
                 self.store.remove(session_id, ("conn",))
             conn.close()
             raise
+        finally:
+            self.handshakes_pending -= 1
         record = SessionRecord(session_id=session_id, handshake=session.handshake,
                                preinitialized=session.preinitialized, features=session.features,
                                anonymous=session.memfd is None)
         self._store(session, uffd_fd, conn, record)
         await self._run_session(session, conn, record)
+
+    async def _refuse(self, conn: socket.socket, session_id: str, cred: PeerCred, exc: Exception) -> None:
+        """One error line, then the connection is closed (and leaves the store)."""
+        self.handshakes_refused += 1
+        log.warning("handshake_refused", session=session_id, error=str(exc), **cred.fields())
+        self.store.remove(session_id, ("conn",))
+        await send_line(conn, {"error": str(exc)})
+        conn.close()
+
+    def _admit(self, session_id: str, hs: hs_mod.Handshake) -> None:
+        """Charge the session to ``limits`` (HandshakeError naming the setting it would pass)."""
+        limits = self.config.limits
+        if limits.max_sessions is not None and len(self._charged) >= limits.max_sessions:
+            raise HandshakeError(f"limits.max_sessions: {len(self._charged)} sessions are served already, the most "
+                                 f"this process takes ({limits.max_sessions}); try again later")
+        mapped = self.mapped_bytes
+        if limits.max_mapped_bytes is not None and mapped + hs.total_bytes > limits.max_mapped_bytes:
+            raise HandshakeError(f"limits.max_mapped_bytes: this guest's {hs.total_bytes} bytes on top of the "
+                                 f"{mapped} under management would pass the limit ({int(limits.max_mapped_bytes)})")
+        self._charged[session_id] = hs.total_bytes
 
     async def _handshake(self, conn: socket.socket, session_id: str, cred: PeerCred) -> tuple[Session, int]:
         """Read and check the handshake (and whether ``cred`` may claim its vm_id), open its source,
@@ -217,6 +262,7 @@ class Listener:
                 raise HandshakeError(
                     f"expected the file descriptors [uffd, memfd] (shared memory) or [uffd] "
                     f"(anonymous memory) with the handshake, got {len(fds)}")
+            self._admit(session_id, hs)
             source = await self._open_source(hs)
             try:
                 session = Session.create(session_id=session_id, handshake=hs, uffd_fd=fds[0],
@@ -227,6 +273,7 @@ class Listener:
                 await source.aclose()
                 raise
         except BaseException:
+            self._charged.pop(session_id, None)
             close_fds(fds)
             raise
         return session, fds[0]
@@ -276,6 +323,7 @@ class Listener:
             if not self.handing_over:
                 self.store.remove(sid)
             await finish(session.close("handed over" if self.handing_over else "vmm disconnected"))
+            self._charged.pop(sid, None)
             if self.sessions.pop(sid, None) is not None:
                 self.ended_totals.add(session.stats)
                 self.totals.add(session, self.source_kind(session))
@@ -378,6 +426,7 @@ class Listener:
         with contextlib.suppress(OSError):
             session.peer = peer_cred(conn).fields()
         self.sessions_resumed += 1
+        self._charged[sid] = hs.total_bytes  # counted, never refused: its guest runs already
         slog.info("session_resumed", vm_id=hs.vm_id, pages_total=session.stats.pages_total)
         self.server.spawn(self._run_session, session, conn, record)
 

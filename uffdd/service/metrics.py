@@ -70,6 +70,14 @@ def _service_families(lst: Listener, stats: list[SessionStats], live: int) -> It
     yield CounterMetricFamily("uffdd_handshakes_refused", "Handshakes refused", value=lst.handshakes_refused)
     yield CounterMetricFamily("uffdd_handshakes_resumed", "Handshakes in flight when a predecessor died, run again",
                               value=lst.handshakes_resumed)
+    yield GaugeMetricFamily("uffdd_handshakes_pending", "Handshakes being read or checked now (handshake.max_pending)",
+                            value=lst.handshakes_pending)
+    yield GaugeMetricFamily("uffdd_mapped_bytes", "Guest memory of the sessions admitted (limits.max_mapped_bytes)",
+                            value=lst.mapped_bytes)
+    yield CounterMetricFamily("uffdd_accept_failures", "accept() calls on the VMM socket that failed",
+                              value=lst.accept_failures)
+    yield GaugeMetricFamily("uffdd_accept_failing", "1 while accept() on the VMM socket fails for want of fds or "
+                            "buffers (no VMM can connect)", value=0 if lst.accept_error is None else 1)
     yield GaugeMetricFamily("uffdd_sessions_unresumed", "Stored sessions that could not be resumed (guests wait)",
                             value=len(lst.unresumed))
     errors = CounterMetricFamily("uffdd_errors", "Errors by kind", labels=["kind"])

@@ -52,6 +52,8 @@ class VmmSpec:
     list_form: bool = False
     """Send Firecracker's bare JSON list instead of the object form."""
     split_body: int = 0
+    body_padding: int = 0
+    """Spaces sent before the JSON (legal whitespace): a long but valid handshake."""
     """Send the body in this many pieces with pauses (a stream socket may deliver it so)."""
     disconnect_after: int = -1
     """Pages touched (by thread 0) before the VMM drops the connection and exits at once."""
@@ -182,6 +184,9 @@ class _StandIn:
         return uffd
 
     def body(self) -> bytes:
+        return b" " * self.spec.body_padding + self._json()
+
+    def _json(self) -> bytes:
         spec, ps = self.spec, self.ps
         if spec.firecracker:
             return json.dumps([{"base_host_virt_addr": b, "size": s, "offset": o, "page_size": ps, "page_size_kib": ps}
@@ -360,6 +365,7 @@ def _report(spec: VmmSpec, vm: _StandIn, work: _Workload, elapsed: float, wrong:
         "prepopulated": vm.prepopulated, "elapsed_s": elapsed,
         "faults_per_s": len(all_ns) / elapsed if elapsed > 0 else 0.0,
         "p50_us": _quantile(all_ns, 0.5), "p99_us": _quantile(all_ns, 0.99),
+        "max_us": all_ns[-1] / 1000.0 if all_ns else 0.0,
         "pages_checked": checked, "verify_only_touched": spec.verify_only_touched,
         "wrong_pages": len(wrong), "wrong_sample": wrong[:16], "session": answer.get("session"),
         "zero_pages": len(work.zero_pages), "vcpu_tids": work.tids, **final, "unmapped": len(work.unmapped),
