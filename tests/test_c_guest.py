@@ -1,4 +1,4 @@
-"""A VMM written independently in C, from the DESIGN.md handshake alone, against the daemon."""
+"""A VMM written independently in C, from the documented handshake (docs/handshake.md) alone, against the daemon."""
 
 from __future__ import annotations
 

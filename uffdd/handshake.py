@@ -1,4 +1,4 @@
-"""The VMM -> daemon handshake message (DESIGN.md "Handshake contract"), parsed and checked.
+"""The VMM -> daemon handshake message (docs/handshake.md), parsed and checked.
 
 Only what can be checked from the message itself lives here; checks that need the fds (memfd
 size and page size, source size) are in :func:`check_against`.
