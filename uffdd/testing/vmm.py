@@ -341,17 +341,15 @@ def run(spec: VmmSpec) -> dict[str, object]:
 
 
 def _listen(spec: VmmSpec, vm: _StandIn, lines: Any, sock: socket.socket) -> dict[str, object]:
-    """Read the daemon's lines until it hangs up or says the session failed (after truncating
-    the memory file under its fills, if ``shrink_after``)."""
+    """The daemon's lines until it hangs up or says "failed" (``shrink_after``: truncate first)."""
     if spec.shrink_after >= 0:
         time.sleep(spec.shrink_after)
         os.ftruncate(vm.memfd, 0)
     events: list[dict[str, object]] = []
     deadline = time.monotonic() + (spec.listen_only or 30)
-    while time.monotonic() < deadline and (more := _next_line(lines, sock, deadline - time.monotonic())):
+    while time.monotonic() < deadline and not any(e.get("event") == "failed" for e in events) and (
+            more := _next_line(lines, sock, deadline - time.monotonic())):
         events += more
-        if more[0].get("event") == "failed":
-            break
     sock.close()
     return {"ok": True, "shrunk": spec.shrink_after >= 0, "events": events}
 
