@@ -52,6 +52,15 @@ def _guest(d: DaemonProcess, snapshot: Path, **kw: Any) -> VmmProcess:
                               vm_id="healthy", **kw))
 
 
+def _served(d: DaemonProcess, snapshot: Path) -> dict[str, Any]:
+    """A guest restored by ``d`` to the end (killed if it does not finish)."""
+    guest = _guest(d, snapshot)
+    try:
+        return guest.result(60)
+    finally:
+        guest.kill()
+
+
 @pytest.mark.timeout(90)
 def test_a_second_daemon_with_the_same_config_refuses_to_start_and_the_first_serves_on(
         daemon_process: Callable[..., DaemonProcess], snapshot_4k: Path, tmp_path: Path) -> None:
@@ -87,11 +96,7 @@ def test_a_live_control_socket_stops_start_up_before_the_vmm_socket_is_bound(
     assert second.returncode == 1, second.stderr
     assert f"control.listen: {ctl} is in use" in second.stderr
     assert os.listdir(other) == []  # its own VMM socket was never put in place
-    guest = _guest(d, snapshot_4k)
-    try:
-        res = guest.result(60)
-    finally:
-        guest.kill()
+    res = _served(d, snapshot_4k)
     assert res["wrong_pages"] == 0 and query(ctl, "ping")["pid"] == d.proc.pid
     d.stop()
 
@@ -115,11 +120,7 @@ def test_a_squatted_metrics_port_stops_start_up_before_any_stale_socket_is_repla
     assert sorted(os.listdir(tmp_path)) == sorted(["uffdd.yaml", "daemon.log", "d.sock", "d.ctl"])
     d = daemon_process(metrics={"listen": f"127.0.0.1:{port}"})  # port free again: the stale files go
     wait_until(lambda: _inodes(d.socket, ctl) != before and _answers(ctl), what="the new daemon's sockets in place")
-    guest = _guest(d, snapshot_4k)
-    try:
-        res = guest.result(60)
-    finally:
-        guest.kill()
+    res = _served(d, snapshot_4k)
     assert res["wrong_pages"] == 0 and query(ctl, "ping")["pid"] == d.proc.pid
     assert _inodes(d.socket, ctl) != before
     d.stop()
