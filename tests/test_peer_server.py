@@ -486,7 +486,8 @@ async def test_bulk_bytes_are_rationed_while_a_demand_fill_waits_and_never_starv
             big = bytearray(8 << 20)
             await c.prefetch(0, memoryview(big))  # warm: both connections up
             fill = asyncio.create_task(c.fill(0, memoryview(bytearray(BS))))
-            await eventually(lambda: c.urgent.busy, what="a demand fill waiting")  # the bulk side is held now
+            await eventually(lambda: c.urgent.busy, what="a demand fill waiting")
+            assert c.bulk is not None and c.bulk.held  # the bulk side is held now
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             await asyncio.wait_for(c.prefetch(8 << 20, memoryview(big)), 30)  # rationed, yet it completes
@@ -497,9 +498,11 @@ async def test_bulk_bytes_are_rationed_while_a_demand_fill_waits_and_never_starv
             fill.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await fill
-            t0 = loop.time()
-            await asyncio.wait_for(c.prefetch(16 << 20, memoryview(big)), 30)  # nobody waits: full speed
-            assert loop.time() - t0 < held_for
+            # Nobody waits: the bulk side is let go (not timed against the rationed transfer: an
+            # in-process relay on a busy machine may itself be that slow).
+            assert not c.urgent.busy and not c.bulk.held
+            await asyncio.wait_for(c.prefetch(16 << 20, memoryview(big)), 30)
+            assert big == snapshot_4k.read_bytes()[16 << 20 : 24 << 20]
         finally:
             await c.aclose()
             await relay.close()

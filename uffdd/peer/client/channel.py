@@ -291,6 +291,11 @@ class Channel:
             self._busy = busy
             self.on_busy(busy)
 
+    @property
+    def held(self) -> bool:
+        """Whether this (bulk) channel is being held back for demand faults now."""
+        return self._held
+
     def hold(self, on: bool) -> None:
         """Bulk side: while demand faults wait, leave this connection's bytes in the kernel."""
         self._held = on
