@@ -6,6 +6,7 @@ RELOADING on SIGHUP, socket activation, and the supervisor's own fidelity to sd_
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -250,7 +251,7 @@ def test_daemon_and_serve_restore_a_guest_under_the_units_memory_and_syscall_san
            "sources": {"default": {"kind": "peer", "address": f"127.0.0.1:{serve.address[1]}",
                                    "secret_file": str(secret)}}}
     (tmp_path / "uffdd.yaml").write_text(json.dumps(cfg))
-    with open(tmp_path / "daemon.log", "wb") as log_fh:
+    with open(tmp_path / "daemon.log", "ab") as log_fh:  # O_APPEND: both workers write to it
         daemon = subprocess.Popen([*wrapper, sys.executable, "-m", "uffdd", "run", "-c", str(tmp_path / "uffdd.yaml")],
                                   stdout=log_fh, stderr=subprocess.STDOUT)
     vmm: VmmProcess | None = None
@@ -270,7 +271,10 @@ def test_daemon_and_serve_restore_a_guest_under_the_units_memory_and_syscall_san
             daemon.kill()
             daemon.wait()
         assert serve.stop() == 0
-    events = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines() if line.startswith("{")]
+    events = []
+    for line in (tmp_path / "daemon.log").read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line the other worker's output cut into
+            events.append(json.loads(line))
     end = next(e for e in events if e.get("event") == "session_end")
     assert end["pages_filled"] == end["pages_total"] == 2048
     assert not [e for e in events if e.get("level") in ("warning", "error")], events  # e.g. worker_not_pinned
