@@ -33,8 +33,9 @@ log = structlog.get_logger("uffdd.unixsock")
 
 FD_SIZE = array.array("i").itemsize
 UCRED = struct.Struct("iII")  # pid, uid, gid
-HANDSHAKE_READ = 16384
-"""Bytes of a handshake read (and scanned) at once: the event loop gets a turn between reads."""
+HANDSHAKE_READ = 4096
+"""Bytes of a handshake read (and scanned, about 0.1 ms) at once: the event loop gets a turn
+between reads, so a long body delays a fault by one such piece at most."""
 ACCEPT_RETRY_S = 0.1
 """After a failed accept() (EMFILE, ENOBUFS), the next try comes this much later."""
 ACCEPT_LOG_EVERY_S = 10.0
