@@ -28,10 +28,9 @@ from tests.test_restart import log_events, supervised
 from tests.test_workers import only_sockets_stored
 from uffdd.service.control import query
 from uffdd.service.inflight import PEEK_LIMIT, SO_PEEK_OFF, peek_handshake
-from uffdd.service.supervisor.notify import same_file
 from uffdd.testing import VmmProcess, VmmSpec
 from uffdd.testing.waiting import eventually, wait_until
-from uffdd.unixsock import close_fds
+from uffdd.unixsock import close_fds, same_file
 
 MIB = 1 << 20
 SMALL = [2 * MIB, 1 * MIB]

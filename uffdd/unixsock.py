@@ -66,6 +66,12 @@ def parse_ancillary(anc: Iterable[tuple[int, int, bytes]]) -> tuple[list[int], i
     return fds, pid
 
 
+def same_file(a: int, b: int) -> bool:
+    """Two descriptors of one open file (or at least of one inode: enough next to equal names)."""
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def close_fds(fds: Iterable[int]) -> None:
     """Close each fd, ignoring those already closed."""
     for fd in fds:
@@ -114,11 +120,7 @@ async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: flo
     try:
         async with asyncio.timeout(timeout):
             while not scanner.complete:
-                data = await _read_part(sock, fds, max_fds)
-                if not data:
-                    raise HandshakeError(
-                        "connection closed before the handshake was complete"
-                        if body else "connection closed without a handshake")
+                data = await _read_part(sock, body, fds, max_fds)
                 body += data
                 if len(body) > max_bytes:
                     raise HandshakeError(f"handshake longer than {max_bytes} bytes")
@@ -133,9 +135,9 @@ async def receive_handshake(sock: socket.socket, *, max_bytes: int, timeout: flo
     return bytes(body), fds
 
 
-async def _read_part(sock: socket.socket, fds: list[int], max_fds: int) -> bytes:
-    """The next piece of a handshake (b"": EOF); its fds go into ``fds``, which may hold no more
-    than ``max_fds`` (the caller closes them on the error)."""
+async def _read_part(sock: socket.socket, body: bytearray, fds: list[int], max_fds: int) -> bytes:
+    """The next piece of a handshake after ``body``; its fds go into ``fds`` (see
+    :func:`check_handshake_piece`)."""
     while True:
         await wait_readable(sock)
         try:
@@ -143,11 +145,20 @@ async def _read_part(sock: socket.socket, fds: list[int], max_fds: int) -> bytes
         except (BlockingIOError, InterruptedError):
             continue
         fds.extend(parse_ancillary(anc)[0])
-        if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
-            raise HandshakeError(
-                f"too many file descriptors: more than {max_fds} came with the handshake "
-                f"(send [uffd, memfd] or [uffd]); all of them were closed")
+        check_handshake_piece(data, flags, body, fds, max_fds)
         return data
+
+
+def check_handshake_piece(data: bytes, flags: int, body: bytearray, fds: list[int], max_fds: int) -> None:
+    """Refuse one read of a handshake: more than ``max_fds`` fds so far (counted over all the
+    reads; the caller closes them) or the end of the stream before the body is whole."""
+    if flags & socket.MSG_CTRUNC or len(fds) > max_fds:
+        raise HandshakeError(
+            f"too many file descriptors: more than {max_fds} came with the handshake "
+            f"(send [uffd, memfd] or [uffd]); all of them were closed")
+    if not data:
+        raise HandshakeError("connection closed before the handshake was complete"
+                             if body else "connection closed without a handshake")
 
 
 async def send_line(conn: socket.socket, doc: dict[str, Any]) -> None:

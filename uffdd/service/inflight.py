@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import select
 import socket
 
@@ -37,9 +36,11 @@ from uffdd.errors import HandshakeError
 from uffdd.unixsock import (
     HANDSHAKE_READ,
     ancillary_space,
+    check_handshake_piece,
     close_fds,
     parse_ancillary,
     receive_handshake,
+    same_file,
     wait_readable,
 )
 
@@ -137,7 +138,7 @@ class _Reader:
                 continue
             self._add_fds(parse_ancillary(anc)[0])
             self._mid_message = bool(self.flags) and len(data) == HANDSHAKE_READ and bool(self.fds)
-            _check_piece(data, flags, self.body, self.fds, self.max_fds)
+            check_handshake_piece(data, flags, self.body, self.fds, self.max_fds)
             self.body += data
             if len(self.body) > max_bytes:
                 raise HandshakeError(f"handshake longer than {max_bytes} bytes")
@@ -150,7 +151,8 @@ class _Reader:
         """Keep the fds a read brought. A peek that goes on inside the message that carried fds
         (the last peek filled its buffer) brings copies of them again: those are closed, not
         counted. Fds that come with a new message always count."""
-        if got and self._mid_message and len(self.fds) >= len(got) and _files(got) == _files(self.fds[-len(got):]):
+        if got and self._mid_message and len(self.fds) >= len(got) and all(
+                same_file(a, b) for a, b in zip(got, self.fds[-len(got):], strict=True)):
             close_fds(got)
             return
         self.fds.extend(got)
@@ -173,21 +175,3 @@ class _Reader:
         self.arrivals.close()
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
-
-
-def _files(fds: list[int]) -> list[tuple[int, int]]:
-    out = []
-    for fd in fds:
-        st = os.fstat(fd)
-        out.append((st.st_dev, st.st_ino))
-    return out
-
-
-def _check_piece(data: bytes, flags: int, body: bytearray, fds: list[int], max_fds: int) -> None:
-    if flags & socket.MSG_CTRUNC or len(fds) > max_fds:  # counted over all the reads: closed by the caller
-        raise HandshakeError(
-            f"too many file descriptors: more than {max_fds} came with the handshake "
-            f"(send [uffd, memfd] or [uffd]); all of them were closed")
-    if not data:
-        raise HandshakeError("connection closed before the handshake was complete"
-                             if body else "connection closed without a handshake")

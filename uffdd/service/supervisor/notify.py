@@ -26,7 +26,7 @@ import structlog
 
 from uffdd.service import systemd
 from uffdd.service.manager import COUNTS_FIELD, StatusCounts
-from uffdd.unixsock import ancillary_space, close_fds, parse_ancillary
+from uffdd.unixsock import ancillary_space, close_fds, parse_ancillary, same_file
 
 log = structlog.get_logger("uffdd.workers")
 
@@ -65,12 +65,6 @@ def read_messages(sock: socket.socket, sender_ok: Callable[[int], bool],
             yield parse_fields(data), fds
         finally:
             sock.recv(1)  # now drop it (its fds, received again, are closed by the kernel)
-
-
-def same_file(a: int, b: int) -> bool:
-    """Two descriptors of one open file (or at least of one inode: enough next to equal names)."""
-    sa, sb = os.fstat(a), os.fstat(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def parse_fields(data: bytes) -> dict[str, str]:
