@@ -11,13 +11,12 @@ from __future__ import annotations
 import array
 import fnmatch
 import socket
-import struct
 from dataclasses import dataclass
 
 from uffdd.config import AccessConfig
 from uffdd.errors import HandshakeError
+from uffdd.unixsock import UCRED
 
-_UCRED = struct.Struct("iII")  # pid, uid, gid
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 """Linux 4.13+; the constant is missing from some Python builds."""
 _MAX_GROUPS = 65536
@@ -56,7 +55,7 @@ def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
 
 def peer_cred(sock: socket.socket) -> PeerCred:
     """SO_PEERCRED (and SO_PEERGROUPS) of a connected Unix socket."""
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    pid, uid, gid = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
     return PeerCred(pid, uid, gid, _peer_groups(sock))
 
 
