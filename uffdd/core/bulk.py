@@ -290,6 +290,19 @@ class BulkFetcher:
         finally:
             self._inflight.remove(run)
 
+    def _pwrite_run(self, memfd: int, data: memoryview, r: Region, lo: int, n: int) -> None:
+        """Worker thread: pages [lo, lo+n) of ``r`` into the memory file with pwrite. A pwrite past
+        the end would grow a file the VMM shrank: the size is checked before and after (a shrink
+        in between leaves the file short of the regions); either way the session ends."""
+        foff = r.file_offset(lo)
+        if not self.host.covers(r, lo, n):
+            raise GuestMemoryGone.at(foff, n << r.shift)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(memfd, data[done:], foff + done)
+        if self.host.memory_short():
+            raise GuestMemoryGone.at(foff, n << r.shift)
+
     def _write_pieces(self, run: _InFlight, pieces: list[tuple[int, int]], buf: PrivateBuffer) -> None:
         """Worker thread: the run's pieces into the memory file. shmem: pwrite (the kernel
         allocates the pages, no zeroing, no fault per page); hugetlbfs, which has no write(2):
@@ -300,15 +313,7 @@ class BulkFetcher:
         for p, q in pieces:
             with buf.view[(p - run.lo) << r.shift : (q - run.lo) << r.shift] as data:
                 if not self.host.hugetlb:
-                    # pwrite past the end would grow a file the VMM shrank: check it before
-                    # and after (a shrink in between leaves the file short of the regions).
-                    if not self.host.covers(r, p, q - p):
-                        raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift)
-                    done = 0
-                    while done < len(data):
-                        done += os.pwrite(memfd, data[done:], r.file_offset(p) + done)
-                    if self.host.memory_short():
-                        raise GuestMemoryGone.at(r.file_offset(p), (q - p) << r.shift)
+                    self._pwrite_run(memfd, data, r, p, q - p)
                     continue
                 with r.mem[p << r.shift : q << r.shift] as dest:
                     try:
@@ -353,14 +358,8 @@ class BulkFetcher:
                 raise SourceError(f"source has {len(src)} bytes, prefetch needs {foff + length}")
             memfd = self.host.memfd
             assert memfd is not None
-            if not self.host.covers(r, i, n):  # pwrite would grow a file the VMM shrank
-                raise GuestMemoryGone.at(foff, length)
             with memoryview(src)[foff : foff + length] as chunk:
-                done = 0
-                while done < length:
-                    done += os.pwrite(memfd, chunk[done:], foff + done)
-            if self.host.memory_short():
-                raise GuestMemoryGone.at(foff, length)
+                self._pwrite_run(memfd, chunk, r, i, n)
 
     @staticmethod
     def _read(fd: int, runs: list[Run], dest: memoryview) -> None:
