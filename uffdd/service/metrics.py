@@ -38,11 +38,6 @@ joined a fill in flight, found its page already there, took it over from pre-pag
 got zeros for a page the guest had discarded."""
 
 
-def _inflight(s: Session) -> int:
-    """Pages being fetched right now, from the session's own counts (no scan of its pages)."""
-    return s.pages_in_flight
-
-
 class SessionCollector(Collector):
     """Sums the counters of live sessions and of those that have ended."""
 
@@ -117,7 +112,7 @@ def _source_families(lst: Listener, live: list[Session],
             nbytes.add_metric([*key, path], b + (tot.bytes_by_path[path] if tot else 0))
         for outcome, attr in OUTCOMES.items():
             outcomes.add_metric([*key, outcome], sum(getattr(st, attr, 0) for st in all_stats))
-        inflight.add_metric(list(key), sum(_inflight(s) for s in ss))
+        inflight.add_metric(list(key), sum(s.pages_in_flight for s in ss))
         latency.add_metric([*key, "installed"], _buckets(all_stats), sum_value=_approx_sum(all_stats))
     yield from (pages, nbytes, outcomes, inflight, latency)
 
