@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from uffdd.config import PrefetchConfig, SessionConfig
-from uffdd.core import EMPTY, FILLED, INSTALLING, REMOVED, Session
+from uffdd.core import EMPTY, FILLED, FILLING, INSTALLING, REMOVED, Session
+from uffdd.core.guest import PREFETCH
 from uffdd.core.native import STATUS, native_available
 from uffdd.core.stats import LAT_BUCKETS
 from uffdd.handshake import Handshake, RegionSpec
@@ -242,6 +243,44 @@ async def test_blocked_time_per_thread_adds_up_through_installing_pages_and_retr
         assert set(stats.blocked_ns_by_tid) == {7, 8, 9}
         assert sum(stats.blocked_ns_by_tid.values()) == stats.blocked_ns > 0
         assert sum(stats.latency_log2_us) == len(faults)
+    finally:
+        await g.session.close()
+        for m in g.maps:
+            m.close()
+        os.close(g.memfd)
+
+
+@pytest.mark.parametrize("fault_path", ["c", "python"])
+async def test_vcpus_that_fault_on_a_page_already_on_its_way_have_their_waits_booked(
+        snapshot_4k: Path, fault_path: str) -> None:
+    """A fault on a page background work has claimed waits for that work: the wait is the
+    session's to count (blocked time, per thread, histogram) when the page is installed, or
+    when the work gives the page back and the vCPU is woken to fault again."""
+    g = await _guest(snapshot_4k, fault_path == "c", 0)
+    try:
+        session = g.session
+        guest = session.guest
+        states = session.states.view
+        _prepare(g, snapshot_4k, [], [])
+        session.start()
+        assert session.fault_path == fault_path
+        for p in (*range(48, 64), 100):
+            states[p] = FILLING  # claimed by pre-paging, bytes on their way
+        _feed(g, _encode(g, [(50, 0, 7), (50, 0, 8), (60, 0, 9), (100, 0, 5)]), time.perf_counter_ns())
+        stats = session.stats
+        assert stats.coalesced == 4 and stats.blocked_ns == 0 and sum(stats.latency_log2_us) == 0
+        with open(snapshot_4k, "rb") as fh:  # the background copy arrives and is installed
+            os.pwrite(g.memfd, os.pread(fh.fileno(), 16 * PAGE, 48 * PAGE), 48 * PAGE)
+        region = guest.regions.regions[0]
+        guest.install_run(region, 48, 16, PREFETCH)
+        assert set(stats.blocked_ns_by_tid) == {7, 8, 9}
+        assert sum(stats.latency_log2_us) == 3
+        guest.release_claims([(region, 100, 1)])  # the work failed: page 100 goes back to EMPTY
+        assert states[100] == EMPTY
+        assert set(stats.blocked_ns_by_tid) == {5, 7, 8, 9}
+        assert sum(stats.latency_log2_us) == 4
+        assert sum(stats.blocked_ns_by_tid.values()) == stats.blocked_ns > 0
+        assert guest.waiting == {}
     finally:
         await g.session.close()
         for m in g.maps:

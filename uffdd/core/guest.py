@@ -74,6 +74,9 @@ class Guest:
                                    memory_short=self.memory_short)
         self.retries: Retries | None = None
         """Set when the session starts (timers need its loop)."""
+        self.waiting: dict[int, list[Wait]] = {}
+        """vCPUs that faulted on a page whose fill was already on its way, by global page index:
+        their waits are booked when that page is in place (or handed back to the demand path)."""
         self.cursor: tuple[Region, int] = (self.regions.regions[0], 0)
         """Where the latest demand fault was: background pre-paging starts near it."""
         self.closed = False
@@ -178,6 +181,8 @@ class Guest:
             stats.pages_prefetch += n
         else:
             stats.pages_replay += n
+        if self.waiting:
+            self._book_waiting(region.base + pos, n)
         if stats.all_in_place:
             self.on_all_filled()
 
@@ -185,6 +190,26 @@ class Guest:
         """A vCPU's page is in place (or will never come): book its wait, once."""
         if wait.t0:
             self.stats.book(wait)
+
+    def wait_for_fill(self, region: Region, idx: int, wait: Wait) -> None:
+        """A vCPU faulted on a page whose fill is on its way: book its wait when the page is in."""
+        self.waiting.setdefault(region.base + idx, []).append(wait)
+
+    def book_installed(self) -> None:
+        """Book the waiting vCPUs whose pages are in place now (the C path installs remote fills
+        and books only the faults it took itself)."""
+        view = self.states.view
+        for g in [g for g in self.waiting if view[g] == FILLED]:
+            for wait in self.waiting.pop(g):
+                self.book(wait)
+
+    def _book_waiting(self, first: int, n: int) -> None:
+        """Book the vCPUs waiting on global pages [first, first+n)."""
+        waiting = self.waiting
+        pages = range(first, first + n) if n <= len(waiting) else [g for g in waiting if first <= g < first + n]
+        for g in pages:
+            for wait in waiting.pop(g, ()):
+                self.book(wait)
 
     # --- faults on pages that are not EMPTY -------------------------------------------------
     def zero_fill(self, region: Region, idx: int, flags: int, wait: Wait | None = None,
@@ -214,6 +239,8 @@ class Guest:
             self.stats.pages_zeroed += 1
         if wait is not None:
             self.book(wait)
+        if self.waiting:
+            self._book_waiting(region.base + idx, 1)
 
     def remap(self, region: Region, idx: int, wait: Wait | None = None, delay: float = RETRY_MIN_S) -> None:
         """A FILLED page faulted again (a stale duplicate message, or a mapping the kernel
@@ -262,6 +289,8 @@ class Guest:
                 if r.state[p] == FILLING:
                     r.state[p] = EMPTY
             self.installer.wake(r.addr(i), n << r.shift)
+            if self.waiting:
+                self._book_waiting(r.base + i, n)  # woken: each faults again, a wait of its own
 
     def covers(self, region: Region, lo: int, n: int) -> bool:
         """Whether the memory file still holds pages [lo, lo+n) (a VMM may shrink it)."""
@@ -307,6 +336,7 @@ class Guest:
     def close(self) -> None:
         """Release the second mapping and the installer's buffers (views first)."""
         self.closed = True
+        self.waiting.clear()
         self.regions.release()
         for m in self.mappings:
             try:

@@ -115,6 +115,8 @@ class NativePath:
         stats.blocked_ns += ns
         stats.already_mapped += already
         stats.fills_async += fills_async
+        if self.guest.waiting:
+            self.guest.book_installed()
         if pages and 0 <= pos < len(self.guest.regions.regions):  # pre-paging goes on from the latest fault
             self.guest.cursor = (self.guest.regions.regions[pos], idx)
         if stats.all_in_place:
