@@ -62,6 +62,7 @@ def test_check_json_reports_usable_with_each_memory_type_and_event() -> None:
     assert checks["poisoned pages (UFFDIO_POISON)"]["ok"] is True
     assert checks["feature MINOR_SHMEM"]["ok"] is True
     assert checks["C fast path"]["ok"] is True and checks["C fast path"]["required"] is False
+    assert checks["background copies in C"]["ok"] is True
     assert all(c["ok"] for c in report["checks"] if c["required"])
 
 

@@ -196,6 +196,23 @@ async def test_defaults_restore_a_guest_with_demand_fault_around_and_prefetch_to
         assert t.pages_demand + t.pages_fault_around + t.pages_prefetch == t.pages_filled == 6144
 
 
+async def test_a_fault_on_a_page_a_background_copy_has_not_reached_takes_it_over(
+        tmp_path: Path, snapshot_4k: Path) -> None:
+    """A background run of the whole guest is copied a step at a time; vCPUs that fault on its
+    pages meanwhile do not wait for the run: the pages it has not reached are theirs."""
+    cfg = make_config(tmp_path, snapshot_4k, session={"fault_around": 0, "prefetch": {
+        "enabled": True, "chunk": 32 * MIB, "max_inflight": 32 * MIB}})
+    async with running_daemon(cfg, snapshot_4k) as d:
+        vmm = d.start_vmm(region_sizes=[32 * MIB], threads=4, timeout=30)
+        session = await d.session()
+        res = await asyncio.to_thread(vmm.result, 30)
+        assert_all_correct(res)
+        await d.wait_idle()
+    stats = session.stats
+    assert stats.pages_prefetch > 0 and stats.stolen > 0, stats
+    assert stats.pages_filled == 8192
+
+
 class JoinCheckConfig(FileSourceConfig):
     kind: Literal["joincheck"] = "joincheck"  # type: ignore[assignment]
 

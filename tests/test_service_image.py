@@ -182,3 +182,4 @@ def test_the_wheel_the_image_installs_carries_the_c_fast_path(tmp_path: Path) ->
     out = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], check=True, capture_output=True,
                          text=True).stdout
     assert re.search(r"uffdd/core/_fastpath\.cpython-[^ ]+\.so", out), out
+    assert re.search(r"uffdd/core/_copier\.cpython-[^ ]+\.so", out), out

@@ -108,6 +108,17 @@ def _fast_path() -> Check:
                  required=False)
 
 
+def _copier() -> Check:
+    from uffdd.core.copier import copier_available
+
+    if not copier_available():
+        return Check("background copies in C", False, "not built: a Python thread copies background runs, and a "
+                     "vCPU that faults on a page of a run can wait for the whole run; reinstall with a C compiler "
+                     "present", required=False)
+    return Check("background copies in C", True, "built: background runs from a file source are written without "
+                 "the GIL and installed a step at a time", required=False)
+
+
 def _peer_wire() -> Check:
     name = "peer checksums and tags in C"
     try:
@@ -182,6 +193,7 @@ def run_checks() -> list[Check]:
         + ("" if priv else " (faults raised by KVM from kernel mode need CAP_SYS_PTRACE or the sysctl)"),
         required=False))
     checks.append(_fast_path())
+    checks.append(_copier())
     checks.append(_memguard())
     checks.append(_peer_wire())
     checks.append(_peer_link())

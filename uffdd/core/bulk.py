@@ -3,12 +3,13 @@
 Pre-paging (uffdd.core.prefetch) decides *what* to fetch and claims those pages (FILLING);
 this module fetches them and hands complete runs to :meth:`Guest.install_run`.
 
-- A source with a backing file (:meth:`PageSource.backing_fd`) is copied by a worker thread
-  with the GIL released: for shmem one ``pwrite`` from a read-only mapping of the source straight
-  into the memory file (no fault per page in our mapping, no zeroing of pages about to be
-  overwritten); for hugetlbfs, which has no write(2), the huge pages are allocated in one
-  madvise and read into with ``preadv``; anonymous guests are read into a private buffer
-  that UFFDIO_COPY takes from.
+- A source with a backing file (:meth:`PageSource.backing_fd`) is copied by a worker thread:
+  for shmem, ``pwrite`` from a read-only mapping of the source straight into the memory file (no
+  fault per page in our mapping, no zeroing of pages about to be overwritten), by the C copier
+  (uffdd.core.copier: no GIL, a claim byte per page, each step installed as it is written) where
+  it is built; for hugetlbfs, which has no write(2), the huge pages are allocated in one madvise
+  and read into with ``preadv``; anonymous guests are read into a private buffer that
+  UFFDIO_COPY takes from.
 - A source that receives into guest memory itself, off the event loop (:meth:`PageSource.direct_bulk`:
   a peer's bulk link in C) is given the run's pages in the memory file and a claim byte per page;
   a demand fault takes a page whose bytes have not started arriving (:meth:`BulkFetcher.steal`),
@@ -24,13 +25,13 @@ import asyncio
 import contextlib
 import mmap
 import os
-import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import structlog
 
+from uffdd.core.copier import STEP_BYTES, LocalCopier, background_priority, copier_available
 from uffdd.core.pagestate import PageStates
 from uffdd.core.regions import Region, RegionMap, Run
 from uffdd.core.stats import SessionStats, Wait
@@ -39,9 +40,6 @@ from uffdd.kernel.memory import PrivateBuffer, copy_into, populate
 from uffdd.sources import PageSource
 from uffdd.sources.base import DirectReceiver
 
-BACKGROUND_NICE = 10
-"""The niceness of the threads that copy background runs into guest memory (the fault loop keeps
-the process's, -10 under the shipped unit)."""
 INSTALL_STEP = 256 << 10
 """Bytes of background pages installed at once before the fault loop gets its turn."""
 
@@ -90,6 +88,7 @@ class PrefetchHost(Protocol):
     states: PageStates
     stats: SessionStats
     cursor: tuple[Region, int]
+    file_end: int
     closed: bool
     log: structlog.typing.FilteringBoundLogger
 
@@ -108,18 +107,14 @@ class PrefetchHost(Protocol):
     def memory_short(self) -> bool: ...
 
 
-def _background_priority() -> None:
-    """A copy thread yields its CPU to the fault loop and to the vCPUs it wakes: demand first."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
-
-
 class _InFlight:
-    __slots__ = ("claims", "frozen", "lo", "n", "region", "stolen")
+    __slots__ = ("claims", "frozen", "lo", "n", "receiver", "region", "stolen")
 
-    def __init__(self, region: Region, lo: int, n: int, claims: memoryview | None = None) -> None:
+    def __init__(self, region: Region, lo: int, n: int, receiver: DirectReceiver | None = None,
+                 claims: memoryview | None = None) -> None:
         self.region, self.lo, self.n = region, lo, n
         self.stolen: set[int] = set()
+        self.receiver = receiver
         self.claims = claims
         """Direct runs: a claim byte per page (:class:`DirectReceiver`); the receiver arbitrates."""
         self.frozen = False
@@ -155,6 +150,8 @@ class BulkFetcher:
         self._inflight: list[_InFlight] = []
         self._direct: DirectReceiver | None = None
         self._claims: memoryview | None = None
+        self._copier: LocalCopier | None = None
+        self._copier_ok = copier_available()
         if not (host.anonymous or host.hugetlb or host.memfd is None):
             self._direct = source.direct_bulk()
 
@@ -187,10 +184,39 @@ class BulkFetcher:
         elif self.host.anonymous:
             await self._retrying(lambda: self._fetch_private(fd, runs, path), runs)
         else:
-            loop = asyncio.get_running_loop()
-            await self._retrying(lambda: loop.run_in_executor(self._executor(), self._copy, fd, runs), runs)
-            for r, i, n in runs:
-                await self._install_in_steps(r, i, n, path)
+            await self._copy_local(fd, runs, path)
+
+    async def _copy_local(self, fd: int, runs: list[Run], path: str) -> None:
+        """Shared memory from a backing file. A run goes to the C copier, which installs it a
+        step at a time as it writes it and lets a demand fault take over what it has not reached.
+        A batch of short runs (a replayed working set: thousands of a page or two) is copied by
+        one thread call instead, then installed: one copier request each would cost more than
+        the copying."""
+        copier = self._local_copier(fd)
+        nbytes = sum(n << r.shift for r, _, n in runs)
+        if copier is not None and (len(runs) == 1 or nbytes >= len(runs) * STEP_BYTES):
+            done = await asyncio.gather(*(self._fetch_direct(copier, r, i, n, path) for r, i, n in runs),
+                                        return_exceptions=True)
+            if failed := next((x for x in done if isinstance(x, BaseException)), None):
+                raise failed
+            if not all(done):  # the snapshot failed a read: pre-paging backs off before it tries again
+                raise SourceError("background copy from the snapshot failed")
+            return
+        loop = asyncio.get_running_loop()
+        await self._retrying(lambda: loop.run_in_executor(self._executor(), self._copy, fd, runs), runs)
+        for r, i, n in runs:
+            await self._install_in_steps(r, i, n, path)
+
+    def _local_copier(self, fd: int) -> LocalCopier | None:
+        """The C copier for shared memory of 4 KiB pages, made at first use; None without it
+        (or if the source cannot be mapped: then a Python thread copies)."""
+        if self._copier is None and self._copier_ok and not self.host.hugetlb and self.host.memfd is not None:
+            try:
+                self._copier = LocalCopier(fd, self.host.memfd, self.host.file_end, f"uffdd-prefetch-{self.host.id}")
+            except (OSError, ValueError) as exc:
+                self._copier_ok = False
+                self.host.log.warning("background_copier_unavailable", error=str(exc))
+        return self._copier
 
     async def _install_in_steps(self, r: Region, i: int, n: int, path: str, buf: PrivateBuffer | None = None,
                                 off: int = 0) -> None:
@@ -259,15 +285,16 @@ class BulkFetcher:
             self._inflight.remove(run)
             _BUFFERS.give(buf)
 
-    async def _fetch_direct(self, direct: DirectReceiver, r: Region, i: int, n: int, path: str) -> None:
+    async def _fetch_direct(self, direct: DirectReceiver, r: Region, i: int, n: int, path: str) -> bool:
         """One run received into guest memory by the source's own thread; each checked part is
         installed at once. On a source error, what did not arrive goes back to EMPTY (demand
-        faults or a later pass fetch it); a memory file the VMM shrank ends the session."""
+        faults or a later pass fetch it) and the result is False; a memory file the VMM shrank
+        ends the session."""
         if self._claims is None:
             self._claims = memoryview(bytearray(self.host.regions.pages))
         claims = self._claims[r.base + i : r.base + i + n]
         claims[:] = bytes(n)
-        run = _InFlight(r, i, n, claims)
+        run = _InFlight(r, i, n, direct, claims)
         self._inflight.append(run)
 
         def on_frame(first: int, k: int, ok: bool) -> None:
@@ -287,8 +314,10 @@ class BulkFetcher:
             self.host.stats.source_errors += 1
             self.host.log.warning("prefetch_failed", error=str(exc), pages=n)
             self.host.release_claims([(r, i + p, q - p) for p, q in _spans(claims, 0, n, _FREE)])
+            return False
         finally:
             self._inflight.remove(run)
+        return True
 
     def _pwrite_run(self, memfd: int, data: memoryview, r: Region, lo: int, n: int) -> None:
         """Worker thread: pages [lo, lo+n) of ``r`` into the memory file with pwrite. A pwrite past
@@ -327,8 +356,8 @@ class BulkFetcher:
         writes into a private buffer, the fault takes the page over and fetches it urgently."""
         for run in self._inflight:
             if run.region is r and run.lo <= idx < run.lo + run.n and idx not in run.stolen and not run.frozen:
-                direct = self._direct
-                if run.claims is not None and direct is not None and not direct.take(run.claims, idx - run.lo):
+                if run.claims is not None and run.receiver is not None and not run.receiver.take(run.claims,
+                                                                                                  idx - run.lo):
                     return False  # its bytes are being written: the fault waits for them
                 run.stolen.add(idx)
                 return True
@@ -340,7 +369,7 @@ class BulkFetcher:
             # copies (preadv into separate huge pages) scale with a second core.
             workers = 2 if self.host.hugetlb else 1
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"uffdd-prefetch-{self.host.id}",
-                                            initializer=_background_priority)
+                                            initializer=background_priority)
         return self._pool
 
     # --- worker threads (GIL released in the system calls) ------------------------------------
@@ -379,6 +408,9 @@ class BulkFetcher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
         if self._src_map is not None:
             self._src_map.close()
             self._src_map = None

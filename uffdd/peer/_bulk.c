@@ -10,7 +10,7 @@
  * the frame's tag, and reports each frame (ok or not) through a queue and an eventfd the event
  * loop watches. Installing the pages (UFFDIO_CONTINUE) stays with the event loop.
  *
- * A claim byte per page arbitrates between this thread and demand faults (the event loop):
+ * A claim byte per page (claims.h) arbitrates between this thread and demand faults (the event loop):
  * 0 free, 1 taken (a fault fetches the page itself, or the guest discarded it), 2 frozen (a
  * frame is writing it: a fault waits for it). A page is frozen with an atomic compare-and-swap
  * from 0 just before its bytes are read into it, and one that was taken is read into a scratch
@@ -35,6 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "claims.h"
 #include "frame.h"
 #include "guard.h"
 #include "wire.h"
@@ -47,7 +48,6 @@ extern int native_urgent_waiting; /* _native.c: demand fills waiting on urgent l
 #define MAX_FRAME_BLOCKS 1024
 #define MAX_DONE 65536
 
-enum { CLAIM_FREE = 0, CLAIM_TAKEN = 1, CLAIM_FROZEN = 2 };
 enum { Q_FREE = 0, Q_ACTIVE, Q_OVER }; /* Q_OVER: reported, its buffers await release by Python */
 /* What a record says: a frame's pages are in (FRAME_OK) or not (FRAME_BAD, unfrozen); a request
  * is over (DONE; GONE: its memory is gone; ERROR: the server refused the rest, code = its code;
@@ -226,11 +226,8 @@ static void unfreeze(Bulk *b)
 	struct breq *r = b->cur;
 	if (!r || b->phase < P_PAYLOAD)
 		return;
-	for (uint32_t i = 0; i < b->h.count; i++) {
-		uint8_t *c = &r->claims[r->pos + i];
-		uint8_t frozen = CLAIM_FROZEN;
-		__atomic_compare_exchange_n(c, &frozen, CLAIM_FREE, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-	}
+	for (uint32_t i = 0; i < b->h.count; i++)
+		claims_unfreeze(&r->claims[r->pos + i]);
 }
 
 /* The header of a frame has arrived: is it one this connection may carry? */
@@ -295,8 +292,7 @@ static int on_table(Bulk *b)
 	b->phase = P_PAYLOAD; /* from here on, unfreeze() knows the frame's pages may be frozen */
 	b->iov_at = b->iov_n = 0;
 	for (uint32_t i = 0; i < h->count; i++) {
-		uint8_t free_ = CLAIM_FREE, *c = &r->claims[r->pos + i];
-		int mine = __atomic_compare_exchange_n(c, &free_, CLAIM_FROZEN, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+		int mine = claims_freeze(&r->claims[r->pos + i]);
 		if (table[i * FRAME_DESC + 6] != ENC_RAW)
 			continue;
 		char *to = mine ? r->dest + ((size_t)(r->pos + i) << FRAME_BLOCK_SHIFT)
@@ -913,29 +909,6 @@ static PyObject *Bulk_get_pending(Bulk *self, void *Py_UNUSED(closure))
 		n += self->reqs[i].state == Q_ACTIVE;
 	pthread_mutex_unlock(&self->lock);
 	return PyLong_FromLong(n);
-}
-
-/* claim_take(claims, index) -> True when the page at index is (now) taken by the caller, False
- * when a bulk frame has frozen it (its bytes are being written: wait for them). */
-static PyObject *claim_take(PyObject *Py_UNUSED(module), PyObject *args)
-{
-	Py_buffer buf;
-	Py_ssize_t index;
-	uint8_t expect = CLAIM_FREE;
-	int taken;
-
-	if (!PyArg_ParseTuple(args, "w*n", &buf, &index))
-		return NULL;
-	if (index < 0 || index >= buf.len) {
-		PyBuffer_Release(&buf);
-		PyErr_SetString(PyExc_IndexError, "claim index out of range");
-		return NULL;
-	}
-	uint8_t *c = (uint8_t *)buf.buf + index;
-	taken = __atomic_compare_exchange_n(c, &expect, CLAIM_TAKEN, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE) ||
-		expect == CLAIM_TAKEN;
-	PyBuffer_Release(&buf);
-	return PyBool_FromLong(taken);
 }
 
 static PyMethodDef Bulk_methods[] = {
