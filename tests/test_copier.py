@@ -104,3 +104,16 @@ async def test_a_run_past_the_end_of_the_snapshot_is_a_source_error_and_writes_n
         await copier.fetch((PAGES - 8) * PAGE, memoryview(bytearray(16 * PAGE)), claims, lambda *_: None)
     assert bytes(claims) == bytes(16)
     assert all(rig.page(p) == bytes(PAGE) for p in range(PAGES - 8, PAGES))
+
+
+async def test_a_snapshot_truncated_under_the_copy_is_a_source_error_and_its_step_is_unfrozen(
+        rig: Rig, copier: LocalCopier, tmp_path: Path) -> None:
+    os.truncate(tmp_path / "snap.mem", 2 * STEP * PAGE)  # the file shrinks under its mapping
+    claims = memoryview(bytearray(PAGES))
+    reported: list[tuple[int, int, bool]] = []
+    with pytest.raises(SourceError):
+        await copier.fetch(0, memoryview(bytearray(PAGES * PAGE)), claims,
+                           lambda first, n, ok: reported.append((first, n, ok)))
+    assert reported == [(0, STEP, True), (STEP, STEP, True)]  # what was whole before the end
+    assert bytes(claims[: 2 * STEP]) == bytes([FROZEN]) * (2 * STEP)
+    assert bytes(claims[2 * STEP :]) == bytes(PAGES - 2 * STEP)  # the failed step is free again
