@@ -26,7 +26,7 @@ from types import ModuleType
 
 from uffdd.errors import GuestMemoryGone, SourceError
 
-STEP_BYTES = 256 << 10
+STEP_BYTES = 512 << 10
 """Bytes frozen, written and reported at a time: what a demand fault on a page being written
 waits for at most."""
 BACKGROUND_NICE = 10
