@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from uffdd.images.format import CHUNKS_DIR, digest
+from uffdd.pools import RWF_NOWAIT
 
 LOW_WATER = 0.9
 """Eviction removes files until the cache holds at most this share of max_bytes."""
 TOUCH_AFTER_S = 60.0
 """A file used again is marked recent at most this often (one utime per minute, not per use)."""
 _EVICT_LOCK = 0
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
 
 
 @dataclass
@@ -121,7 +121,7 @@ class ChunkCache:
             else:
                 dest = into if into is not None else memoryview(bytearray(plain_len))
                 try:
-                    n = os.preadv(fd, [dest], 0, _RWF_NOWAIT)
+                    n = os.preadv(fd, [dest], 0, RWF_NOWAIT)
                 except OSError:  # would block (EAGAIN), or no RWF_NOWAIT here
                     return None
                 if n != plain_len:

@@ -30,6 +30,7 @@ from uffdd.images.cache import ChunkCache, MemoryLRU, Plain
 from uffdd.images.format import ChunkRef, ImageFormatError, chunk_key, open_chunk
 from uffdd.images.store import ObjectStore, StoreError
 from uffdd.images.writer import CacheWriter
+from uffdd.pools import SharedPool
 
 log = structlog.get_logger("uffdd.images")
 
@@ -38,17 +39,14 @@ INLINE_CHECK = 256 << 10
 """A demand fault's chunk up to this size is decompressed and checked on the event loop
 (about 100 us for 64 KiB): handing it to a thread and back costs as much again."""
 """Store slots that background fetches leave free for demand faults."""
-_pools: dict[bool, ThreadPoolExecutor] = {}
+_CHUNK_THREADS = max(2, min(8, os.cpu_count() or 2))
+_pools = {False: SharedPool("uffdd-chunk", _CHUNK_THREADS), True: SharedPool("uffdd-chunk-urgent", _CHUNK_THREADS)}
 
 
 def executor(urgent: bool = False) -> ThreadPoolExecutor:
     """Threads for hashing, decompressing and the disk cache (they release the GIL). Demand
     work has threads of its own, so it never queues behind a pre-paging backlog."""
-    pool = _pools.get(urgent)
-    if pool is None:
-        pool = _pools[urgent] = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
-                                                   thread_name_prefix=f"uffdd-chunk{'-urgent' if urgent else ''}")
-    return pool
+    return _pools[urgent]()
 
 
 @dataclass(frozen=True)

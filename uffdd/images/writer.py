@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
 from uffdd.images.cache import ChunkCache, Plain
+from uffdd.pools import SharedPool
 
 log = structlog.get_logger("uffdd.images")
 
@@ -26,14 +26,7 @@ QUIET_S = 0.002
 MAX_WAITING_BYTES = 64 << 20
 """...or once this many bytes wait to be written."""
 WRITES_IN_FLIGHT = 4
-_writers: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _writers
-    if _writers is None:
-        _writers = ThreadPoolExecutor(max_workers=WRITES_IN_FLIGHT, thread_name_prefix="uffdd-cache-write")
-    return _writers
+_pool = SharedPool("uffdd-cache-write", WRITES_IN_FLIGHT)
 
 
 class CacheWriter:

@@ -14,17 +14,11 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
-_pool: ThreadPoolExecutor | None = None
+from uffdd.pools import RWF_NOWAIT, SharedPool
 
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="uffdd-serve-read")
-    return _pool
+_executor = SharedPool("uffdd-serve-read", 4)
+"""Threads for the image's cold reads."""
 
 
 class ImageError(Exception):
@@ -98,7 +92,7 @@ class Image:
         length = len(buf)
         if self._nowait:
             try:
-                n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
+                n = os.preadv(self._fd, [buf], offset, RWF_NOWAIT)
             except BlockingIOError:
                 return None
             except OSError as exc:

@@ -13,23 +13,15 @@ import mmap
 import os
 import platform
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Literal
 
 from uffdd.errors import PagePoisoned, SourceError, SourceShortRead, SourceUnavailable
+from uffdd.pools import RWF_NOWAIT, SharedPool
 from uffdd.sources.base import PageSource, SourceConfig
 
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
 _MEMORY_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
-_pool: ThreadPoolExecutor | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    """Threads for cold reads, shared by all file sources (bounded: disks queue anyway)."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="uffdd-read")
-    return _pool
+_executor = SharedPool("uffdd-read", 8)
+"""Threads for cold reads, shared by all file sources (bounded: disks queue anyway)."""
 
 
 class FileSourceConfig(SourceConfig):
@@ -54,7 +46,7 @@ class FileSource(PageSource):
         st = os.fstat(fd)
         self._size = st.st_size
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ctime_ns) if verify_unchanged else None
-        self._nowait: int | None = 0 if _fs_type(fd) in _MEMORY_FS else _RWF_NOWAIT
+        self._nowait: int | None = 0 if _fs_type(fd) in _MEMORY_FS else RWF_NOWAIT
         """preadv flags for inline reads; None: this file system cannot say "would block".
         Files in memory (tmpfs refuses RWF_NOWAIT) are read inline without the flag."""
         self._poison = sorted(poisoned or [])
