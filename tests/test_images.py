@@ -18,8 +18,9 @@ import zstandard
 
 from tests.test_cli import uffdd_cli
 from uffdd.config import parse_config
-from uffdd.errors import ConfigError
+from uffdd.errors import ConfigError, SourceUnavailable
 from uffdd.images.cache import ChunkCache
+from uffdd.images.fetcher import ChunkFetcher, FetchOptions
 from uffdd.images.format import (
     HEADER,
     MAGIC,
@@ -291,3 +292,38 @@ async def test_a_demand_fetch_gets_the_next_store_slot_and_background_leaves_two
     assert late.done() and not bg_waits.done()
     slots.release(urgent[0])
     await asyncio.wait_for(bg_waits, 1)
+
+
+async def test_a_dead_store_is_reported_unreachable_past_its_deadline_while_the_cache_still_answers(
+        guest_file: Path, tmp_path: Path) -> None:
+    """Chunks read from the cache say nothing about the store: they must not restart the clock
+    of an outage, or a dead store behind a busy cache is never reported."""
+    await pack(str(guest_file), str(tmp_path / "store"), PackOptions(name="vm"))
+    server = StaticServer(tmp_path / "store", tmp_path).start()
+    try:
+        manifest, _ = await load_manifest(f"{server.url}/vm.json")
+        (ia, a), (ib, b) = [(i, r) for i, r in enumerate(manifest.table) if r is not None][:2]
+        cache = ChunkCache(str(tmp_path / "cache"), 1 << 30)
+        cache.open()
+        fetcher = ChunkFetcher(ObjectStore(server.url), cache,
+                               FetchOptions(deadline=0.3, retry_min=0.01, retry_max=0.02))
+        await fetcher.get(a, manifest.chunk_len(ia), urgent=True, keep=False)
+        await fetcher.drain()  # chunk a is in the cache (not in memory)
+    finally:
+        server.stop()
+    hits = 0
+
+    async def read_a_from_the_cache() -> None:
+        nonlocal hits
+        while True:
+            await fetcher.get(a, manifest.chunk_len(ia), urgent=True, keep=False)
+            hits += 1
+            await asyncio.sleep(0.005)
+
+    reader = asyncio.create_task(read_a_from_the_cache())
+    try:
+        with pytest.raises(SourceUnavailable):
+            await asyncio.wait_for(fetcher.get(b, manifest.chunk_len(ib), urgent=True), 10)
+    finally:
+        reader.cancel()
+    assert hits > 10 and fetcher.stats.cache_hits == hits and fetcher.unreachable is not None

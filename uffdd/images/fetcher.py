@@ -258,7 +258,8 @@ class ChunkFetcher:
                 if self.unreachable is not None:
                     raise SourceUnavailable(str(self.unreachable)) from None
             else:
-                self._note_success()
+                if got[1]:  # from the store: a chunk read from the cache says nothing of it
+                    self._note_success()
                 return got
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.opts.retry_max)
