@@ -69,11 +69,6 @@ class LocalCopier:
         self._waiting: dict[int, OnFrame] = {}
         self._ids = itertools.count(1)
 
-    @property
-    def size(self) -> int:
-        """Bytes of the snapshot (as mapped when the copier was made)."""
-        return len(self._map)
-
     async def fetch(self, offset: int, dest: memoryview, claims: memoryview, on_frame: OnFrame) -> None:
         """Copy the pages of ``dest`` (its length says how many; ``claims`` has a byte per page)
         from the snapshot at ``offset`` into the memory file at the same offset; each step is
