@@ -41,11 +41,21 @@ GUEST_TIMEOUT = 10
 DEFAULTS: dict[str, Any] = {"workers": "auto"}  # the default: one worker per CPU
 
 
+def small_guest(tmp_path: Path, snapshot: Path, vm_id: str, **spec: Any) -> VmmProcess:
+    """The small two-thread guest these tests run, on the daemon's socket in ``tmp_path``."""
+    return VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot), region_sizes=SMALL,
+                              threads=2, vm_id=vm_id, timeout=GUEST_TIMEOUT, **spec))
+
+
+def handshake_in_pieces(tmp_path: Path, snapshot: Path, vm_id: str) -> VmmProcess:
+    """A VMM that registers its uffd itself and sends its handshake in ten pieces 50 ms apart."""
+    return small_guest(tmp_path, snapshot, vm_id, preregister=True, wait_ready=False, split_body=10)
+
+
 def firecracker_like(tmp_path: Path, snapshot: Path, seed: int, connected_fd: int) -> VmmProcess:
     """A VMM that registers its uffd itself and faults right after sending the handshake."""
-    return VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot), region_sizes=SMALL,
-                              threads=2, vm_id=f"fc{seed}", seed=seed, preregister=True, wait_ready=False,
-                              connected_fd=connected_fd, timeout=GUEST_TIMEOUT))
+    return small_guest(tmp_path, snapshot, f"fc{seed}", seed=seed, preregister=True, wait_ready=False,
+                       connected_fd=connected_fd)
 
 
 def guest_through_a_kill(tmp_path: Path, snapshot: Path, seed: int, delay: float,
@@ -153,9 +163,7 @@ def test_a_handshake_cut_short_by_sigkill_is_finished_by_the_successor_from_the_
     with supervised(tmp_path, snapshot_4k, config={"workers": workers}) as sup:
         sup.wait_ready(run=1)
         # Ten pieces 50 ms apart: the daemon has read (peeked) a part of the body and its fds.
-        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
-                                 threads=2, vm_id="cut", preregister=True, wait_ready=False, split_body=10,
-                                 timeout=GUEST_TIMEOUT))
+        vmm = handshake_in_pieces(tmp_path, snapshot_4k, "cut")
         try:
             def in_flight() -> bool:
                 names = sup.stored_names()
@@ -181,9 +189,7 @@ def test_sigterm_during_a_handshake_waits_for_that_guest_as_for_a_live_session(
         tmp_path: Path, snapshot_4k: Path) -> None:
     with supervised(tmp_path, snapshot_4k) as sup:
         sup.wait_ready(run=1)
-        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
-                                 threads=2, vm_id="term", preregister=True, wait_ready=False, split_body=10,
-                                 timeout=GUEST_TIMEOUT))
+        vmm = handshake_in_pieces(tmp_path, snapshot_4k, "term")
         try:
             assert sup.wait_for(lambda: "s1.conn" in sup.stored_names(), 15), sup.stored_names()
             sup.kill(signal.SIGTERM)
@@ -203,8 +209,7 @@ def test_what_workers_stored_with_a_parent_that_never_read_it_reaches_the_next_p
         sup.wait_ready(run=1)
         assert sup.main_pid is not None
         os.kill(sup.main_pid, signal.SIGSTOP)  # reads nothing from its workers from now on
-        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
-                                 threads=2, vm_id="held", start_delay=1.0, timeout=GUEST_TIMEOUT))
+        vmm = small_guest(tmp_path, snapshot_4k, "held", start_delay=1.0)
         try:
             def serving() -> bool:  # the worker stored the session (in the parent's queue) and serves it
                 return any(s["vm_id"] == "held" for i in (0, 1)
@@ -252,9 +257,7 @@ def test_a_handover_during_a_handshake_leaves_it_to_the_next_start(tmp_path: Pat
     with supervised(tmp_path, snapshot_4k, config={"shutdown": {"on_sigterm": "handover"}},
                     fd_store_preserve=True) as sup:
         sup.wait_ready(run=1)
-        vmm = VmmProcess(VmmSpec(socket=str(tmp_path / "uffdd.sock"), snapshot=str(snapshot_4k), region_sizes=SMALL,
-                                 threads=2, vm_id="handed", preregister=True, wait_ready=False, split_body=10,
-                                 timeout=GUEST_TIMEOUT))
+        vmm = handshake_in_pieces(tmp_path, snapshot_4k, "handed")
         try:
             assert sup.wait_for(lambda: "s1.conn" in sup.stored_names(), 15), sup.stored_names()
             assert sup.stop().returncode == 0
