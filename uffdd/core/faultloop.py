@@ -165,7 +165,7 @@ class FaultLoop:
             guest.log.warning("fault_on_unmapped_range", address=hex(addr))
         else:
             stats.coalesced += 1  # the fill in flight will install it, which wakes this vCPU too
-            guest.wait_for_fill(region, idx, Wait(region.base + idx, t0, tid))
+            guest.wait_for_fill(Wait(region.base + idx, t0, tid))
 
 
 __all__ = ["FaultLoop"]

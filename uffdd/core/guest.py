@@ -11,7 +11,7 @@ discarded meanwhile zeros (never the source's bytes).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -191,24 +191,25 @@ class Guest:
         if wait.t0:
             self.stats.book(wait)
 
-    def wait_for_fill(self, region: Region, idx: int, wait: Wait) -> None:
+    def wait_for_fill(self, wait: Wait) -> None:
         """A vCPU faulted on a page whose fill is on its way: book its wait when the page is in."""
-        self.waiting.setdefault(region.base + idx, []).append(wait)
+        self.waiting.setdefault(wait.gidx, []).append(wait)
 
     def book_installed(self) -> None:
         """Book the waiting vCPUs whose pages are in place now (the C path installs remote fills
         and books only the faults it took itself)."""
         view = self.states.view
-        for g in [g for g in self.waiting if view[g] == FILLED]:
-            for wait in self.waiting.pop(g):
-                self.book(wait)
+        self._book_pages([g for g in self.waiting if view[g] == FILLED])
 
     def _book_waiting(self, first: int, n: int) -> None:
         """Book the vCPUs waiting on global pages [first, first+n)."""
         waiting = self.waiting
-        pages = range(first, first + n) if n <= len(waiting) else [g for g in waiting if first <= g < first + n]
+        self._book_pages(range(first, first + n) if n <= len(waiting)
+                         else [g for g in waiting if first <= g < first + n])
+
+    def _book_pages(self, pages: Iterable[int]) -> None:
         for g in pages:
-            for wait in waiting.pop(g, ()):
+            for wait in self.waiting.pop(g, ()):
                 self.book(wait)
 
     # --- faults on pages that are not EMPTY -------------------------------------------------
