@@ -1,17 +1,28 @@
-"""Thread pools for work that blocks (cold reads, cache writes, hashing), shared by the process.
+"""Threads for work that blocks or runs in the background, off the event loop.
 
-Each pool is made at first use: a worker process the supervisor forks starts its own, and a
-daemon that never reads cold never starts the threads.
+The shared pools (cold reads, cache writes, hashing) are each made at first use: a worker process
+the supervisor forks starts its own, and a daemon that never reads cold never starts the threads.
+Background threads (bulk copies and transfers) lower their own priority, so demand faults go first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0x8)
 """preadv2(2) flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14)."""
+BACKGROUND_NICE: Final = 10
+"""The niceness of background threads (the fault loop keeps the process's, -10 under the unit)."""
+
+
+def background_priority() -> None:
+    """The calling thread yields its CPU to the fault loop and to the vCPUs it wakes: demand first."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 class SharedPool:
@@ -28,4 +39,4 @@ class SharedPool:
         return self._pool
 
 
-__all__ = ["RWF_NOWAIT", "SharedPool"]
+__all__ = ["BACKGROUND_NICE", "RWF_NOWAIT", "SharedPool", "background_priority"]

@@ -31,12 +31,13 @@ from typing import Protocol
 
 import structlog
 
-from uffdd.core.copier import STEP_BYTES, LocalCopier, background_priority, copier_available
+from uffdd.core.copier import STEP_BYTES, LocalCopier, copier_available
 from uffdd.core.pagestate import PageStates
 from uffdd.core.regions import Region, RegionMap, Run
 from uffdd.core.stats import SessionStats, Wait
 from uffdd.errors import GuestMemoryGone, PagePoisoned, SourceError
 from uffdd.kernel.memory import PrivateBuffer, copy_into, populate
+from uffdd.pools import background_priority
 from uffdd.sources import PageSource
 from uffdd.sources.base import DirectReceiver
 

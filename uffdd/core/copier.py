@@ -19,18 +19,16 @@ import importlib
 import itertools
 import mmap
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 from uffdd.errors import GuestMemoryGone, SourceError
+from uffdd.pools import background_priority
 
 STEP_BYTES = 512 << 10
 """Bytes frozen, written and reported at a time: what a demand fault on a page being written
 waits for at most."""
-BACKGROUND_NICE = 10
-"""The niceness of the copy threads (the fault loop keeps the process's, -10 under the unit)."""
 
 OnFrame = Callable[[int, int, bool], None]
 
@@ -47,12 +45,6 @@ _module = _load()
 
 def copier_available() -> bool:
     return _module is not None
-
-
-def background_priority() -> None:
-    """A copy thread yields its CPU to the fault loop and to the vCPUs it wakes: demand first."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 class LocalCopier:
@@ -115,4 +107,4 @@ class LocalCopier:
         self._map.close()
 
 
-__all__ = ["LocalCopier", "background_priority", "copier_available"]
+__all__ = ["LocalCopier", "copier_available"]

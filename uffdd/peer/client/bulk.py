@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from uffdd.errors import GuestMemoryGone, SourceError, SourceUnavailable
 from uffdd.peer import protocol as p
 from uffdd.peer.client.connection import ClientConnection, LinkConnection, Request, Requests
 from uffdd.peer.native import module as _native
+from uffdd.pools import background_priority
 
 log = structlog.get_logger("uffdd.peer")
 
@@ -59,8 +59,7 @@ class NativeBulkConnection(LinkConnection):
         self.thread.start()
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # demand faults first
+        background_priority()
         reason = self.bulk.run()
         with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
             self.loop.call_soon_threadsafe(self._ended, reason)

@@ -25,6 +25,7 @@ from uffdd.peer.config import ServeLimits
 from uffdd.peer.image import Image
 from uffdd.peer.native import module as _native
 from uffdd.peer.server.stats import ServerStats
+from uffdd.pools import background_priority
 
 
 class Owner(Protocol):
@@ -82,8 +83,7 @@ class NativeResponder:
     # -- the thread ----------------------------------------------------------------------------
     def _serve(self) -> None:
         if self.bulk:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # demand faults first
+            background_priority()
         result = self.r.serve()
         with contextlib.suppress(RuntimeError):  # the loop is gone (process exit)
             self.loop.call_soon_threadsafe(self._served, result)
