@@ -27,13 +27,14 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "claims.h"
 
-#define MAX_RECORDS 65536
+#define FIRST_RECORDS 256
 
 /* What run() returns, and what a record says of a step. */
 enum { RUN_DONE = 0, RUN_GONE = 1, RUN_ERROR = 2 };
@@ -48,9 +49,8 @@ typedef struct {
 	int memfd, done_fd, running;
 	uint64_t file_end;
 	pthread_mutex_t lock; /* the records */
-	struct record *records;
-	Py_ssize_t nrecords;
-	uint64_t lost; /* records dropped because the queue was full (never in practice) */
+	struct record *records; /* malloc'd: it grows on the copying thread, without the GIL */
+	Py_ssize_t nrecords, cap;
 } Copier;
 
 static int Copier_init(Copier *self, PyObject *args, PyObject *kwds)
@@ -68,13 +68,14 @@ static int Copier_init(Copier *self, PyObject *args, PyObject *kwds)
 	/* Our own descriptor: a run still going when the session closes the VMM's can never write
 	 * into whatever file reuses that number. */
 	self->memfd = fcntl(self->memfd, F_DUPFD_CLOEXEC, 0);
-	self->records = PyMem_Calloc(MAX_RECORDS, sizeof(struct record));
+	self->records = malloc(FIRST_RECORDS * sizeof(struct record));
+	self->cap = FIRST_RECORDS;
 	self->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	pthread_mutex_init(&self->lock, NULL); /* before any return: release() destroys it with the records */
 	if (self->memfd < 0 || !self->records || self->done_fd < 0) {
 		PyErr_SetFromErrno(PyExc_OSError);
 		return -1;
 	}
-	pthread_mutex_init(&self->lock, NULL);
 	return 0;
 }
 
@@ -89,7 +90,7 @@ static void release(Copier *self)
 			close(self->memfd);
 	}
 	if (self->records) {
-		PyMem_Free(self->records);
+		free(self->records);
 		self->records = NULL;
 		pthread_mutex_destroy(&self->lock);
 	}
@@ -102,18 +103,35 @@ static void Copier_dealloc(Copier *self)
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static void report(Copier *self, uint32_t id, uint32_t first, uint32_t n)
+/* Queue a written step for the event loop; 0, or ENOMEM (the step cannot be reported). */
+static int report(Copier *self, uint32_t id, uint32_t first, uint32_t n)
 {
 	uint64_t one = 1;
+	int err = 0;
+
 	pthread_mutex_lock(&self->lock);
-	if (self->nrecords < MAX_RECORDS)
+	if (self->nrecords == self->cap) {
+		struct record *more = realloc(self->records, 2 * (size_t)self->cap * sizeof(struct record));
+		if (more) {
+			self->records = more;
+			self->cap *= 2;
+		}
+	}
+	if (self->nrecords < self->cap)
 		self->records[self->nrecords++] = (struct record){ id, first, n };
 	else
-		self->lost++;
+		err = ENOMEM;
 	pthread_mutex_unlock(&self->lock);
-	if (write(self->done_fd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
+	if (!err && write(self->done_fd, &one, sizeof(one)) < 0 && errno != EAGAIN) {
 		/* the counter cannot overflow in practice; the reader drains the queue either way */
 	}
+	return err;
+}
+
+static void unfreeze_step(uint8_t *claims, uint32_t first, uint32_t end)
+{
+	for (uint32_t k = first; k < end; k++)
+		claims_unfreeze(&claims[k]);
 }
 
 static int covers(int memfd, uint64_t end)
@@ -162,14 +180,17 @@ static int copy_run(Copier *self, uint32_t id, uint64_t offset, uint8_t *claims,
 				;
 			*err = write_span(self, offset, p, q, shift);
 			if (*err) {
-				for (uint32_t k = first; k < end; k++)
-					claims_unfreeze(&claims[k]);
+				unfreeze_step(claims, first, end);
 				return RUN_ERROR;
 			}
 		}
 		if (!covers(self->memfd, self->file_end))
 			return RUN_GONE;
-		report(self, id, first, end - first);
+		*err = report(self, id, first, end - first);
+		if (*err) { /* written, never to be installed: free again, to be fetched again */
+			unfreeze_step(claims, first, end);
+			return RUN_ERROR;
+		}
 	}
 	return RUN_DONE;
 }
@@ -246,11 +267,6 @@ static PyObject *Copier_get_done_fd(Copier *self, void *Py_UNUSED(closure))
 	return PyLong_FromLong(self->done_fd);
 }
 
-static PyObject *Copier_get_lost(Copier *self, void *Py_UNUSED(closure))
-{
-	return PyLong_FromUnsignedLongLong(self->lost);
-}
-
 static PyMethodDef Copier_methods[] = {
 	{ "run", (PyCFunction)Copier_run, METH_VARARGS, "run(id, offset, claims, page_shift, step_pages) -> (status, errno)" },
 	{ "drain", (PyCFunction)Copier_drain, METH_NOARGS, "drain() -> [(id, first, pages)] written since the last drain" },
@@ -260,7 +276,6 @@ static PyMethodDef Copier_methods[] = {
 
 static PyGetSetDef Copier_getset[] = {
 	{ "done_fd", (getter)Copier_get_done_fd, NULL, "an eventfd, readable when drain() has records", NULL },
-	{ "lost", (getter)Copier_get_lost, NULL, "records dropped on a full queue", NULL },
 	{ NULL, NULL, NULL, NULL, NULL },
 };
 
