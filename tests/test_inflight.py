@@ -92,15 +92,25 @@ def kill_main(sup: Supervisor) -> Callable[[], None]:
     return kill
 
 
+def early_weighted(rng: random.Random) -> float:
+    """0-50 ms, a third of them in the first 2 ms: a handshake is in flight for about that long
+    after the connect, and a uniform spread could miss it in every one of 50 runs."""
+    return 0.05 * rng.random() ** 3
+
+
+def uniform(rng: random.Random) -> float:
+    """0-50 ms, evenly."""
+    return rng.uniform(0.0, 0.05)
+
+
 def run_kills(tmp_path: Path, snapshot: Path, sup: Supervisor, runs: int, seed: int,
-              victim: Callable[[], None], after: Callable[[int], None]) -> list[str]:
+              victim: Callable[[], None], after: Callable[[int], None],
+              spread: Callable[[random.Random], float]) -> list[str]:
     """``runs`` guests, each through one kill; what went wrong, one line per lost or bad guest."""
     rng = random.Random(seed)
     bad = []
     for run in range(runs):
-        # 0-50 ms, a third of them in the first 2 ms: a handshake is in flight for about that
-        # long after the connect, and a uniform spread could miss it in every run.
-        delay = 0.05 * rng.random() ** 3
+        delay = spread(rng)
         res = guest_through_a_kill(tmp_path, snapshot, seed * 1000 + run, delay, victim)
         if not guest_is_whole(res):
             bad.append(f"run {run} (kill {delay * 1000:.1f} ms after connect): {res}")
@@ -123,7 +133,7 @@ def test_sigkill_0_to_50ms_after_a_vmm_connects_without_waiting_for_ready_loses_
         def restarted(run: int) -> None:
             sup.wait_ready(run=run + 2, timeout=30)
 
-        bad = run_kills(tmp_path, snapshot_4k, sup, RUNS, 1, kill_main(sup), restarted)
+        bad = run_kills(tmp_path, snapshot_4k, sup, RUNS, 1, kill_main(sup), restarted, early_weighted)
         assert not bad, f"{len(bad)} of {RUNS} guests lost or wrong:\n" + "\n".join(bad)
         assert [e.returncode for e in sup.exits] == [-signal.SIGKILL] * RUNS
         assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
@@ -149,7 +159,7 @@ def test_workers_sigkilled_0_to_50ms_after_a_vmm_connects_lose_no_guest(tmp_path
 
             pids[:] = wait_until(all_new, timeout=30, what="every worker replaced and ready")
 
-        bad = run_kills(tmp_path, snapshot_4k, sup, runs, 2, kill_workers, replaced)
+        bad = run_kills(tmp_path, snapshot_4k, sup, runs, 2, kill_workers, replaced, uniform)
         assert not bad, f"{len(bad)} of {runs} guests lost or wrong:\n" + "\n".join(bad)
         assert sup.exits == []  # the parent itself never went down
         assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
