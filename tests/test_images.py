@@ -33,6 +33,7 @@ from uffdd.images.format import (
 )
 from uffdd.images.pack import PackOptions, load_manifest, pack, verify
 from uffdd.images.store import ObjectStore, StoreError
+from uffdd.images.tags import BLOCK, TAG, make_tags
 from uffdd.testing.guestmem import change_pages, make_guest_image
 from uffdd.testing.servers import StaticServer
 
@@ -181,6 +182,66 @@ def test_a_corrupted_or_torn_cache_file_is_removed_not_served(tmp_path: Path, da
     assert cache.read(name, len(plain)) is None
     assert cache.probe(name) == "mine", "ours to fetch again"
     cache.unlock(name)
+
+
+def _tagged(tmp_path: Path) -> tuple[ChunkCache, bytes, str]:
+    """A cache holding one chunk of 3.5 blocks (the last one short)."""
+    cache = ChunkCache(str(tmp_path / "cache"), 64 * MIB)
+    cache.open()
+    plain = os.urandom(3 * BLOCK + BLOCK // 2)
+    name = digest(plain)
+    cache.write(name, plain)
+    return cache, plain, name
+
+
+@pytest.mark.parametrize(("within", "n"), [(BLOCK, BLOCK), (BLOCK - 4096, 8192), (3 * BLOCK, BLOCK // 2),
+                                           (0, 3 * BLOCK + BLOCK // 2), (4096, 4096)])
+def test_a_part_read_of_a_cached_chunk_returns_exactly_those_bytes(tmp_path: Path, within: int, n: int) -> None:
+    cache, plain, name = _tagged(tmp_path)
+    assert os.path.getsize(cache.file(name)) == len(plain) + 4 * TAG
+    dest = memoryview(bytearray(n))
+    assert cache.read_part_nowait(name, len(plain), within, dest) is True
+    assert dest == plain[within : within + n]
+    assert cache.read(name, len(plain)) == plain, "a whole read ignores the tags"
+
+
+@pytest.mark.parametrize("damage", ["block", "tag", "forged"])
+def test_a_part_read_of_a_damaged_or_forged_block_is_removed_not_served(tmp_path: Path, damage: str) -> None:
+    """Block 2 damaged, its tag damaged, or both rewritten with a tag made under another key."""
+    cache, plain, name = _tagged(tmp_path)
+    path = Path(cache.file(name))
+    data = bytearray(path.read_bytes())
+    if damage == "block":
+        data[2 * BLOCK + 100] ^= 1
+    elif damage == "tag":
+        data[len(plain) + 2 * TAG] ^= 1
+    else:  # a block and its tag rewritten by someone without the cache's key
+        data[2 * BLOCK + 100] ^= 1
+        forged = make_tags(os.urandom(32), name, memoryview(data)[: len(plain)])
+        data[len(plain) + 2 * TAG : len(plain) + 3 * TAG] = forged[2 * TAG : 3 * TAG]
+    path.write_bytes(bytes(data))
+    clean = memoryview(bytearray(BLOCK))
+    assert cache.read_part_nowait(name, len(plain), 0, clean) is True, "block 0 is still good"
+    assert cache.read_part_nowait(name, len(plain), 2 * BLOCK, memoryview(bytearray(BLOCK))) is False
+    assert not path.exists() and cache.stats.corrupt == 1
+    assert cache.read_part_nowait(name, len(plain), 0, clean) is None, "gone: fetched again from the store"
+
+
+def test_a_cache_file_without_tags_is_read_whole_and_checked_against_its_name(tmp_path: Path) -> None:
+    cache, plain, name = _tagged(tmp_path)
+    Path(cache.file(name)).write_bytes(plain)  # as an older uffdd wrote it
+    assert cache.read_part_nowait(name, len(plain), BLOCK, memoryview(bytearray(BLOCK))) is None
+    assert cache.read(name, len(plain)) == plain
+
+
+def test_every_process_of_a_cache_shares_one_private_key(tmp_path: Path) -> None:
+    first, _, name = _tagged(tmp_path)
+    second = ChunkCache(first.path, 64 * MIB)
+    second.open()
+    key = tmp_path / "cache" / "key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    dest = memoryview(bytearray(BLOCK))
+    assert second.read_part_nowait(name, 3 * BLOCK + BLOCK // 2, BLOCK, dest) is True
 
 
 def test_the_cache_stays_under_max_bytes_dropping_least_recently_used(tmp_path: Path) -> None:

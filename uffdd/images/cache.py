@@ -2,8 +2,10 @@
 
 Files hold chunks decompressed, named by their content hash, so one file serves every image
 that contains that chunk, and a cached chunk costs one read and one hash: no decompression.
-A file appears only by ``rename`` of a complete write, and every read checks the content hash
-again: a torn or corrupted file (a crash, a bad disk, a hand edit) is removed and fetched
+After the bytes come block tags (:mod:`uffdd.images.tags`): a demand fault that needs 64 KiB of
+a chunk reads and checks that block alone. A file appears only by ``rename`` of a complete
+write, and every read checks what it uses (the whole chunk against its name, or a block against
+its tag): a torn or corrupted file (a crash, a bad disk, a hand edit) is removed and fetched
 again, never served. Processes agree
 on who fetches a chunk with a byte-range lock per chunk on one lock file, so two daemons (or
 workers) wanting the same chunk fetch it once. The cache is kept under ``max_bytes`` by
@@ -24,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from uffdd.images import tags
 from uffdd.images.format import CHUNKS_DIR, digest
 from uffdd.pools import RWF_NOWAIT
 
@@ -55,12 +58,14 @@ class ChunkCache:
         self._bytes = 0
         self._written_since_scan = 0
         self._mu = threading.Lock()
+        self._key = b""
 
     def open(self) -> None:
         """Create the directories and lock file; count what is cached (blocking)."""
         for sub in (CHUNKS_DIR, "tmp", "worksets"):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._key = tags.load_key(self.path)
         self._bytes = sum(size for _, size, _ in self._scan())
 
     def close(self) -> None:
@@ -92,7 +97,7 @@ class ChunkCache:
 
     def read(self, name: str, plain_len: int) -> bytes | None:
         """The chunk's plain bytes if the cache holds a good copy; None otherwise."""
-        got = self._read(name, plain_len, lambda fd: os.read(fd, plain_len + 1))
+        got = self._read(name, plain_len, lambda fd: os.pread(fd, plain_len, 0))
         return got if isinstance(got, bytes) else None
 
     def load(self, name: str, dest: memoryview, *, nowait: bool = False) -> bool:
@@ -116,7 +121,7 @@ class ChunkCache:
             return None
         try:
             st = os.fstat(fd)
-            if st.st_size != plain_len:
+            if not _sized(st, plain_len):
                 n, dest = -1, memoryview(b"")
             else:
                 dest = into if into is not None else memoryview(bytearray(plain_len))
@@ -147,21 +152,61 @@ class ChunkCache:
             return None
         try:
             st = os.fstat(fd)
-            data = fetch(fd) if st.st_size == plain_len else b""
+            data = fetch(fd) if _sized(st, plain_len) else b""
         finally:
             os.close(fd)
         return data if self._checked(path, st, data, name, plain_len) else None
+
+    def read_part_nowait(self, name: str, plain_len: int, within: int, dest: memoryview) -> bool | None:
+        """Fill ``dest`` with the chunk's bytes from ``within`` on, out of a cache file the page
+        cache holds, checking only the blocks they lie in (against their tags).
+
+        None: no such file, or one without tags (read the whole chunk instead). False: not all
+        in the page cache, or a block failed its tag (the file is removed). ``dest`` may then
+        be partly written.
+        """
+        path = self.file(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != plain_len + tags.trailer_len(plain_len):
+                return None
+            first, last = within // tags.BLOCK, (within + len(dest) - 1) // tags.BLOCK
+            start, end = first * tags.BLOCK, min((last + 1) * tags.BLOCK, plain_len)
+            exact = start == within and end == within + len(dest)
+            blocks = dest if exact else memoryview(bytearray(end - start))
+            tag_bytes = bytearray((last - first + 1) * tags.TAG)
+            try:
+                got = (os.preadv(fd, [blocks], start, RWF_NOWAIT),
+                       os.preadv(fd, [tag_bytes], plain_len + first * tags.TAG, RWF_NOWAIT))
+            except OSError:  # would block (EAGAIN), or no RWF_NOWAIT here
+                return False
+        finally:
+            os.close(fd)
+        if got != (len(blocks), len(tag_bytes)) or not tags.blocks_ok(self._key, name, first, blocks, tag_bytes):
+            self._remove_bad(path, st.st_ino)
+            return False
+        if not exact:
+            dest[:] = blocks[within - start : within - start + len(dest)]
+        self._used(path, st)
+        return True
 
     def _checked(self, path: str, st: os.stat_result, data: object, name: str, plain_len: int) -> bool:
         """Whether ``data`` is the whole chunk ``name``; a bad copy is removed and counted."""
         if len(data) != plain_len or digest(data) != name:  # type: ignore[arg-type]
             self._remove_bad(path, st.st_ino)
             return False
+        self._used(path, st)
+        return True
+
+    def _used(self, path: str, st: os.stat_result) -> None:
         self.stats.hits += 1
         if time.time() - st.st_mtime > TOUCH_AFTER_S:
             with contextlib.suppress(OSError):
                 os.utime(path)
-        return True
 
     def _remove_bad(self, path: str, ino: int) -> None:
         self.stats.corrupt += 1
@@ -175,6 +220,7 @@ class ChunkCache:
         final = self.file(name)
         tmp = os.path.join(self.path, "tmp", f"{name}.{os.getpid()}.{threading.get_native_id()}")
         data = memoryview(plain)  # type: ignore[arg-type]
+        trailer = tags.make_tags(self._key, name, data)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
             fd = os.open(tmp, flags, 0o644)
@@ -182,9 +228,10 @@ class ChunkCache:
             os.makedirs(os.path.dirname(tmp), exist_ok=True)
             fd = os.open(tmp, flags, 0o644)
         try:
-            done = 0
-            while done < len(data):
-                done += os.write(fd, data[done:])
+            for part in (data, memoryview(trailer)):
+                done = 0
+                while done < len(part):
+                    done += os.write(fd, part[done:])
         finally:
             os.close(fd)
         try:
@@ -194,8 +241,8 @@ class ChunkCache:
             os.rename(tmp, final)
         self.stats.writes += 1
         with self._mu:
-            self._bytes += len(data)
-            self._written_since_scan += len(data)
+            self._bytes += len(data) + len(trailer)
+            self._written_since_scan += len(data) + len(trailer)
             return self._bytes > self.max_bytes or self._written_since_scan > self.max_bytes // 8
 
     # --- one fetch per chunk across processes ----------------------------------------------
@@ -259,6 +306,11 @@ class ChunkCache:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+
+def _sized(st: os.stat_result, plain_len: int) -> bool:
+    """Whether a cache file is as long as a chunk of ``plain_len`` bytes, with or without tags."""
+    return st.st_size in (plain_len, plain_len + tags.trailer_len(plain_len))
 
 
 Plain = bytes | bytearray

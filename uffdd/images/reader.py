@@ -108,11 +108,8 @@ class ImageReader:
             elif n == m.chunk_len(index):
                 if not fetcher.load_nowait(ref, dest[at : at + n]):
                     return False
-            else:
-                plain = fetcher.get_nowait(ref, m.chunk_len(index))
-                if plain is None:
-                    return False
-                _copy(dest, at, plain, within, n)
+            elif not fetcher.read_part_nowait(ref, m.chunk_len(index), within, dest[at : at + n]):
+                return False
         return True
 
     async def read(self, offset: int, dest: memoryview, *, urgent: bool) -> None:
