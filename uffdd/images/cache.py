@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from uffdd.images import tags
@@ -115,12 +115,10 @@ class ChunkCache:
         into ``into`` or a new buffer; None if it is not cached, not all in the page cache, or bad.
         The buffer is allocated only once the file is open: a miss costs one failed open."""
         path = self.file(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            st = os.fstat(fd)
+        with _opened(path) as opened:
+            if opened is None:
+                return None
+            fd, st = opened
             if not _sized(st, plain_len):
                 n, dest = -1, memoryview(b"")
             else:
@@ -131,8 +129,6 @@ class ChunkCache:
                     return None
                 if n != plain_len:
                     return None
-        finally:
-            os.close(fd)
         if not self._checked(path, st, dest if n == plain_len else b"", name, plain_len):
             return None
         return dest.obj if into is None else into  # type: ignore[return-value]
@@ -145,16 +141,12 @@ class ChunkCache:
     def _read(self, name: str, plain_len: int, fetch: Callable[[int], object]) -> object | None:
         """``fetch(fd)``'s result if it is the whole, good chunk ``name``; None otherwise."""
         path = self.file(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self.stats.misses += 1
-            return None
-        try:
-            st = os.fstat(fd)
+        with _opened(path) as opened:
+            if opened is None:
+                self.stats.misses += 1
+                return None
+            fd, st = opened
             data = fetch(fd) if _sized(st, plain_len) else b""
-        finally:
-            os.close(fd)
         return data if self._checked(path, st, data, name, plain_len) else None
 
     def read_part_nowait(self, name: str, plain_len: int, within: int, dest: memoryview) -> bool | None:
@@ -166,12 +158,10 @@ class ChunkCache:
         be partly written.
         """
         path = self.file(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            st = os.fstat(fd)
+        with _opened(path) as opened:
+            if opened is None:
+                return None
+            fd, st = opened
             if st.st_size != plain_len + tags.trailer_len(plain_len):
                 return None
             first, last = within // tags.BLOCK, (within + len(dest) - 1) // tags.BLOCK
@@ -184,8 +174,6 @@ class ChunkCache:
                        os.preadv(fd, [tag_bytes], plain_len + first * tags.TAG, RWF_NOWAIT))
             except OSError:  # would block (EAGAIN), or no RWF_NOWAIT here
                 return False
-        finally:
-            os.close(fd)
         if got != (len(blocks), len(tag_bytes)) or not tags.blocks_ok(self._key, name, first, blocks, tag_bytes):
             self._remove_bad(path, st.st_ino)
             return False
@@ -306,6 +294,20 @@ class ChunkCache:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[tuple[int, os.stat_result] | None]:
+    """A cache file open for reading, with its stat; None if there is no such file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        yield fd, os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _sized(st: os.stat_result, plain_len: int) -> bool:
