@@ -3,9 +3,12 @@ start inherited (tests/test_restart.py runs them end to end)."""
 
 from __future__ import annotations
 
+import array
+import contextlib
 import json
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +157,65 @@ def test_a_stored_socket_whose_file_is_gone_is_dropped_for_a_new_bind(tmp_path: 
     fd = gone.detach()
     assert listening_socket(sort_inherited([ListenFd(fd, "listen")]), "/x.sock", store) == (None, True)
     assert not is_open(fd)
+
+
+@pytest.fixture
+def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A service manager's notify socket, which nobody reads until the test does."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    yield sock
+    sock.close()
+
+
+def _received(manager: socket.socket) -> tuple[bytes, list[int]]:
+    data, anc, _, _ = manager.recvmsg(4096, socket.CMSG_SPACE(16))
+    fds = [fd for _, _, raw in anc for fd in array.array("i", raw)]
+    return data, fds
+
+
+def test_an_accepted_connection_is_stored_by_one_sendmsg_on_a_socket_kept_open(manager: socket.socket) -> None:
+    store = FdStore(enabled=True)
+    r, w = os.pipe()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        assert store.store_conn("s3", r)
+        assert len(os.listdir("/proc/self/fd")) == before + 1, "the socket stays open for the next one"
+        assert store.store_conn("s4", r)
+        assert len(os.listdir("/proc/self/fd")) == before + 1, "and the next message uses it"
+        for sid in ("s3", "s4"):
+            data, fds = _received(manager)
+            assert data == f"FDSTORE=1\nFDNAME={sid}.conn".encode() and len(fds) == 1
+            assert os.fstat(fds[0]).st_ino == os.fstat(r).st_ino
+            os.close(fds[0])
+    finally:
+        store.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_a_manager_whose_queue_is_full_gets_the_connection_once_it_reads_again(manager: socket.socket) -> None:
+    """The kept socket never blocks: when the manager's queue is full the store waits (as every
+    other notify message does) instead of losing the connection."""
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    queued = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler.sendto(b"X=1", manager.getsockname())
+            queued += 1
+    filler.close()
+    reader = threading.Timer(0.2, lambda: [manager.recv(64) for _ in range(queued)])
+    reader.start()
+    store = FdStore(enabled=True)
+    r, w = os.pipe()
+    try:
+        assert store.store_conn("s5", r)
+        reader.join()
+        data, fds = _received(manager)
+        assert data == b"FDSTORE=1\nFDNAME=s5.conn" and len(fds) == 1
+        os.close(fds[0])
+    finally:
+        store.close()
+        os.close(r)
+        os.close(w)

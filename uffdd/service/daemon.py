@@ -106,6 +106,7 @@ class Daemon:
         inherited = sort_inherited(systemd.listen_fds())
         inherited.close_unknown()
         self.store = FdStore()
+        self._exit_stack.callback(self.store.close)
         sock, owns_path = listening_socket(inherited, self.config.listen, self.store)
         listener, control_sock = self._claim_sockets(sock, owns_path)
         self.listener = listener

@@ -169,6 +169,7 @@ class FdStore:
 
     def __init__(self, enabled: bool | None = None) -> None:
         self.enabled = systemd.notify_available() if enabled is None else enabled
+        self._notifier = systemd.Notifier()
 
     def store_session(self, sid: str, fds: dict[str, int]) -> bool:
         """Store a session's descriptors (``mem`` may be absent), ``desc`` last; True if all were sent."""
@@ -189,8 +190,15 @@ class FdStore:
                 systemd.remove_fds(f"{sid}.{kind}")
 
     def store_conn(self, sid: str, fd: int) -> bool:
-        """Store a VMM's connection as soon as it is accepted (its handshake not yet read)."""
-        return self.enabled and systemd.store_fd(f"{sid}.conn", fd, poll=True)
+        """Store a VMM's connection as soon as it is accepted (its handshake not yet read): one
+        sendmsg on a kept socket, or, if that would block, the waiting path."""
+        if not self.enabled:
+            return False
+        return (self._notifier.send(f"FDSTORE=1\nFDNAME={sid}.conn".encode(), (fd,))
+                or systemd.store_fd(f"{sid}.conn", fd, poll=True))
+
+    def close(self) -> None:
+        self._notifier.close()
 
     def store_listener(self, fd: int) -> None:
         if self.enabled:

@@ -26,11 +26,10 @@ from uffdd.errors import HandshakeError, SourceError, UffddError
 from uffdd.kernel import Userfaultfd
 from uffdd.service.access import PeerCred, check_access, peer_cred
 from uffdd.service.fdstore import FdStore, Inherited, RecordError, SessionRecord
-from uffdd.service.inflight import accept_at_once, peek_handshake
+from uffdd.service.inflight import AcceptStep, accept_at_once, peek_handshake
 from uffdd.service.totals import Totals
 from uffdd.sources import PageSource, source_class
 from uffdd.unixsock import (
-    Accept,
     UnixServer,
     bind_unix,
     close_fds,
@@ -61,7 +60,7 @@ class Listener:
     """
 
     def __init__(self, config: Config, *, sock: socket.socket | None = None, owns_path: bool | None = None,
-                 store: FdStore | None = None, accept: Accept = accept_at_once,
+                 store: FdStore | None = None, accept: AcceptStep = accept_at_once,
                  on_connections: Callable[[int], None] | None = None) -> None:
         """``accept`` and ``on_connections`` let a worker balance new VMMs against its siblings."""
         self.config = config
@@ -186,12 +185,13 @@ class Listener:
     async def _accept_durably(self, sock: socket.socket) -> socket.socket:
         """Accept, and store the connection before anything else runs: from now on a successor
         finishes its handshake if we die (see uffdd.service.inflight)."""
-        conn = await self._accept(sock)
+        return await self._accept(sock, self._store_at_once)
+
+    def _store_at_once(self, conn: socket.socket) -> None:
         sid = self._accepted[conn] = f"s{next(self._ids)}"
         if self.store.enabled and not self.store.store_conn(sid, conn.fileno()):
             self.store_failures += 1
             log.error("fd_store_failed", session=sid, hint="a restart now loses this VMM")
-        return conn
 
     @property
     def mapped_bytes(self) -> int:

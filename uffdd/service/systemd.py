@@ -63,6 +63,34 @@ def notify(*lines: str, fds: tuple[int, ...] = ()) -> bool:
     return True
 
 
+class Notifier:
+    """A datagram socket to the manager, kept open and never blocking: an FDSTORE sent right
+    after accept() costs one sendmsg, so the moment in which a SIGKILL would lose the connection
+    lasts microseconds (see uffdd.service.inflight)."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+
+    def send(self, data: bytes, fds: tuple[int, ...]) -> bool:
+        """False if no manager listens or it would block (then :func:`notify`, which waits)."""
+        addr = _notify_address()
+        if addr is None:
+            return False
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
+                               0, addr)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 def notify_available() -> bool:
     return _notify_address() is not None
 

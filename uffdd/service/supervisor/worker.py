@@ -18,6 +18,7 @@ from uffdd.config import Config, ControlConfig, MetricsConfig
 from uffdd.configbase import join_hostport
 from uffdd.service.daemon import Daemon
 from uffdd.service.fdstore import FdStore
+from uffdd.service.inflight import OnAccept
 from uffdd.service.listener import Listener
 from uffdd.service.supervisor.shared import LOAD_ENV, PARENT_ENV, LoadTable
 from uffdd.unixsock import wait_readable
@@ -71,7 +72,7 @@ class AcceptBalancer:
         if self.table is not None:
             self.table.publish(self.index, connections)
 
-    async def accept(self, sock: socket.socket) -> socket.socket:
+    async def accept(self, sock: socket.socket, on_accept: OnAccept) -> socket.socket:
         while True:
             await wait_readable(sock)
             excess = self.table.excess(self.index) if self.table is not None else 0
@@ -82,6 +83,7 @@ class AcceptBalancer:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another worker took it
+            on_accept(conn)
             return conn
 
 
