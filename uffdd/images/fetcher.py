@@ -185,7 +185,8 @@ class ChunkFetcher:
         if plain is None and self.cache is not None and ref.name not in self._jobs:
             done = self.cache.read_part_nowait(ref.name, plain_len, within, dest)
             if done is not None:
-                self.stats.cache_hits += done
+                if done:
+                    self.stats.cache_hits += 1
                 return done
             plain = self.get_nowait(ref, plain_len)  # a file without tags: the whole chunk, checked
         elif plain is not None:
