@@ -52,18 +52,19 @@ def handshake_in_pieces(tmp_path: Path, snapshot: Path, vm_id: str) -> VmmProces
     return small_guest(tmp_path, snapshot, vm_id, preregister=True, wait_ready=False, split_body=10)
 
 
-def firecracker_like(tmp_path: Path, snapshot: Path, seed: int, connected_fd: int) -> VmmProcess:
-    """A VMM that registers its uffd itself and faults right after sending the handshake."""
+def firecracker_like(tmp_path: Path, snapshot: Path, seed: int, connected_fd: int, split_body: int = 0) -> VmmProcess:
+    """A VMM that registers its uffd itself and faults right after sending the handshake (with
+    ``split_body``, in that many pieces 50 ms apart)."""
     return small_guest(tmp_path, snapshot, f"fc{seed}", seed=seed, preregister=True, wait_ready=False,
-                       connected_fd=connected_fd)
+                       connected_fd=connected_fd, split_body=split_body)
 
 
 def guest_through_a_kill(tmp_path: Path, snapshot: Path, seed: int, delay: float,
-                         kill: Callable[[], None]) -> dict[str, Any] | str:
+                         kill: Callable[[], None], split_body: int = 0) -> dict[str, Any] | str:
     """Start a guest, ``kill`` ``delay`` seconds after it connected; its result, or why it was lost."""
     r, w = os.pipe()
     try:
-        vmm = firecracker_like(tmp_path, snapshot, seed, w)
+        vmm = firecracker_like(tmp_path, snapshot, seed, w, split_body)
     finally:
         os.close(w)
     try:
@@ -105,13 +106,16 @@ def uniform(rng: random.Random) -> float:
 
 def run_kills(tmp_path: Path, snapshot: Path, sup: Supervisor, runs: int, seed: int,
               victim: Callable[[], None], after: Callable[[int], None],
-              spread: Callable[[random.Random], float]) -> list[str]:
-    """``runs`` guests, each through one kill; what went wrong, one line per lost or bad guest."""
+              spread: Callable[[random.Random], float], slow_every: int = 0) -> list[str]:
+    """``runs`` guests, each through one kill; what went wrong, one line per lost or bad guest.
+    With ``slow_every``, every such run's VMM sends its handshake in 10 pieces over 0.5 s, so
+    that its kill, whenever it comes in 0-50 ms, lands while the handshake is in flight."""
     rng = random.Random(seed)
     bad = []
     for run in range(runs):
         delay = spread(rng)
-        res = guest_through_a_kill(tmp_path, snapshot, seed * 1000 + run, delay, victim)
+        slow = slow_every > 0 and run % slow_every == slow_every - 1
+        res = guest_through_a_kill(tmp_path, snapshot, seed * 1000 + run, delay, victim, 10 if slow else 0)
         if not guest_is_whole(res):
             bad.append(f"run {run} (kill {delay * 1000:.1f} ms after connect): {res}")
         after(run)
@@ -159,7 +163,7 @@ def test_workers_sigkilled_0_to_50ms_after_a_vmm_connects_lose_no_guest(tmp_path
 
             pids[:] = wait_until(all_new, timeout=30, what="every worker replaced and ready")
 
-        bad = run_kills(tmp_path, snapshot_4k, sup, runs, 2, kill_workers, replaced, uniform)
+        bad = run_kills(tmp_path, snapshot_4k, sup, runs, 2, kill_workers, replaced, uniform, slow_every=5)
         assert not bad, f"{len(bad)} of {runs} guests lost or wrong:\n" + "\n".join(bad)
         assert sup.exits == []  # the parent itself never went down
         assert sup.wait_for(lambda: only_sockets_stored(sup), 10), sup.stored_names()
