@@ -181,16 +181,13 @@ class ChunkFetcher:
     def read_part_nowait(self, ref: ChunkRef, plain_len: int, within: int, dest: memoryview) -> bool:
         """Fill ``dest`` with part of a chunk from memory, or from the blocks of a page-cached
         cache file that hold it (each checked against its tag); no waiting."""
-        plain = self.memory.get(ref.name)
-        if plain is None and self.cache is not None and ref.name not in self._jobs:
+        if self.memory.get(ref.name) is None and self.cache is not None and ref.name not in self._jobs:
             done = self.cache.read_part_nowait(ref.name, plain_len, within, dest)
             if done is not None:
                 if done:
                     self.stats.cache_hits += 1
                 return done
-            plain = self.get_nowait(ref, plain_len)  # a file without tags: the whole chunk, checked
-        elif plain is not None:
-            self.stats.memory_hits += 1
+        plain = self.get_nowait(ref, plain_len)  # memory, or a cache file without tags read whole
         if plain is None:
             return False
         dest[:] = memoryview(plain)[within : within + len(dest)]

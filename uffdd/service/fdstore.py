@@ -192,10 +192,7 @@ class FdStore:
     def store_conn(self, sid: str, fd: int) -> bool:
         """Store a VMM's connection as soon as it is accepted (its handshake not yet read): one
         sendmsg on a kept socket, or, if that would block, the waiting path."""
-        if not self.enabled:
-            return False
-        return (self._notifier.send(f"FDSTORE=1\nFDNAME={sid}.conn".encode(), (fd,))
-                or systemd.store_fd(f"{sid}.conn", fd, poll=True))
+        return self.enabled and systemd.store_fd(f"{sid}.conn", fd, poll=True, via=self._notifier)
 
     def close(self) -> None:
         self._notifier.close()

@@ -52,11 +52,10 @@ def notify(*lines: str, fds: tuple[int, ...] = ()) -> bool:
     addr = _notify_address()
     if addr is None:
         return False
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(SEND_TIMEOUT_S)
         try:
-            sock.sendmsg(["\n".join(lines).encode()], anc, 0, addr)
+            sock.sendmsg(["\n".join(lines).encode()], _rights(fds), 0, addr)
         except OSError as exc:
             log.warning("notify_failed", message=lines[0] if lines else "", error=str(exc))
             return False
@@ -71,7 +70,7 @@ class Notifier:
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
 
-    def send(self, data: bytes, fds: tuple[int, ...]) -> bool:
+    def send(self, lines: list[str], fds: tuple[int, ...]) -> bool:
         """False if no manager listens or it would block (then :func:`notify`, which waits)."""
         addr = _notify_address()
         if addr is None:
@@ -79,8 +78,7 @@ class Notifier:
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
-            self._sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
-                               0, addr)
+            self._sock.sendmsg(["\n".join(lines).encode()], _rights(fds), 0, addr)
         except OSError:
             return False
         return True
@@ -91,21 +89,29 @@ class Notifier:
             self._sock = None
 
 
+def _rights(fds: tuple[int, ...]) -> list[tuple[int, int, bytes]]:
+    """The SCM_RIGHTS ancillary data that carries ``fds`` (none for no fds)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
 def notify_available() -> bool:
     return _notify_address() is not None
 
 
-def store_fd(name: str, fd: int, *, poll: bool = True) -> bool:
+def store_fd(name: str, fd: int, *, poll: bool = True, via: Notifier | None = None) -> bool:
     """Put ``fd`` into the manager's file descriptor store as ``name``.
 
     With ``poll`` the manager drops it by itself once it reports POLLHUP/POLLERR (a peer that
-    hung up); without, it stays until :func:`remove_fds`.
+    hung up); without, it stays until :func:`remove_fds`. With ``via``, the message goes out
+    on that kept socket if it can be sent without waiting.
     """
     if not fdname_is_valid(name):
         raise ValueError(f"invalid file descriptor name {name!r}")
     lines = ["FDSTORE=1", f"FDNAME={name}"]
     if not poll:
         lines.append("FDPOLL=0")
+    if via is not None and via.send(lines, (fd,)):
+        return True
     return notify(*lines, fds=(fd,))
 
 
